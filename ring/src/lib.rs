@@ -1,0 +1,3 @@
+//! Placement for QuorumKV (being written).
+pub mod token;
+pub use token::Token;
