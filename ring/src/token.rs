@@ -56,7 +56,10 @@ mod tests {
     fn token_is_stable() {
         // The token function is part of the on-disk and on-wire format: changing it moves every
         // key. This pins it.
-        assert_eq!(Token::of("default", b"hello"), Token::of("default", b"hello"));
+        assert_eq!(
+            Token::of("default", b"hello"),
+            Token::of("default", b"hello")
+        );
         let t = Token::of("default", b"hello");
         assert_eq!(format!("{t}").len(), 16);
     }
