@@ -1,0 +1,238 @@
+//! The client protocol: the messages a client and a node exchange.
+//!
+//! A client opens one QUIC bidirectional stream per request, writes one [`Request`] frame (see
+//! [`crate::frame`]) and reads one [`Response`] frame. Messages are encoded with rmp-serde in
+//! its named (map) form, so a later protocol version can add optional fields that older peers
+//! ignore; anything incompatible bumps [`crate::frame::PROTOCOL_VERSION`].
+//!
+//! Every write carries a [`RequestId`] that the client draws once per logical write and reuses
+//! on every retry of it: a node that already holds a sibling created under that id treats the
+//! retry as done instead of adding a second sibling.
+//!
+//! Quorum options are per request. A field left `None` falls back to the keyspace default
+//! (R = W = a majority of the keyspace's N, `dw` = 1).
+
+use crate::context::Context;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// ALPN protocol name of the client protocol.
+pub const CLIENT_ALPN: &[u8] = b"quorumkv-client/1";
+
+/// The keyspace every cluster has.
+pub const DEFAULT_KEYSPACE: &str = "default";
+
+/// Identifies one logical write across its retries. Drawn at random by the client.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RequestId(pub [u8; 16]);
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RequestId({self})")
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Per-request read options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadOptions {
+    /// Replicas that must answer (a not-found answer counts). Default: a majority of N.
+    pub r: Option<u8>,
+    /// How long the coordinator waits for replicas. Default: the node's configured timeout.
+    pub timeout_ms: Option<u32>,
+}
+
+/// Per-request write options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteOptions {
+    /// Replicas that must acknowledge the write. Default: a majority of N.
+    pub w: Option<u8>,
+    /// How many of those acknowledgements must come from replicas that flushed the write to
+    /// disk. Default 1; 0 acknowledges writes that may still be lost in a crash.
+    pub dw: Option<u8>,
+    /// How long the coordinator waits for replicas. Default: the node's configured timeout.
+    pub timeout_ms: Option<u32>,
+}
+
+/// A request from a client to any node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Read a key's siblings and context.
+    Get {
+        keyspace: String,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        options: ReadOptions,
+    },
+    /// Write a value. With the context of an earlier read it replaces exactly the siblings that
+    /// read saw; without one it becomes a sibling of whatever is stored.
+    Put {
+        keyspace: String,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        context: Option<Context>,
+        request_id: RequestId,
+        options: WriteOptions,
+    },
+    /// Write a tombstone that replaces the siblings the context covers.
+    Delete {
+        keyspace: String,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        context: Option<Context>,
+        request_id: RequestId,
+        options: WriteOptions,
+    },
+    /// Ask for the ring, the nodes' addresses and the keyspaces, so the client can route.
+    ClusterInfo,
+}
+
+/// One visible value of a key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiblingValue {
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+    /// The coordinating node's wall clock when the value was written, in ms since the Unix
+    /// epoch. Informational (for last-writer-wins resolvers); causality never depends on it.
+    pub timestamp_ms: u64,
+}
+
+/// Where a node listens for clients.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAddress {
+    pub id: String,
+    /// `host:port` of the node's QUIC endpoint.
+    pub address: String,
+}
+
+/// A keyspace and its replication factor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyspaceInfo {
+    pub name: String,
+    pub n: u8,
+}
+
+/// What a client needs to route requests itself.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub ring: quorumkv_ring::Ring,
+    pub nodes: Vec<NodeAddress>,
+    pub keyspaces: Vec<KeyspaceInfo>,
+}
+
+/// A node's answer to one [`Request`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// The siblings (tombstones excluded; empty for a missing or deleted key) and the context
+    /// to send with the next write of this key.
+    Got {
+        siblings: Vec<SiblingValue>,
+        context: Context,
+    },
+    /// The write reached its quorum; the context covers exactly what it replaced plus itself.
+    Written { context: Context },
+    /// The answer to [`Request::ClusterInfo`].
+    ClusterInfo(ClusterInfo),
+    /// The request failed.
+    Error(ErrorReply),
+}
+
+/// Why a request failed, in a form a program can act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The request itself is wrong (bad option, oversized key or value, bad context, unknown
+    /// keyspace). Retrying it unchanged fails the same way.
+    InvalidRequest,
+    /// Fewer replicas answered than the request required before its timeout. A failed write
+    /// may still have been applied on some replicas.
+    QuorumNotReached,
+    /// The node is at its in-flight limit; retry later.
+    Overloaded,
+    /// The node could not reach any replica or coordinator for the key in time.
+    Unavailable,
+    /// The node hit an internal error (for example its disk failed).
+    Internal,
+}
+
+/// The error half of [`Response`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub kind: ErrorKind,
+    /// A sentence for a human.
+    pub message: String,
+    /// For [`ErrorKind::QuorumNotReached`]: what the request required and what it reached.
+    pub quorum: Option<QuorumShortfall>,
+}
+
+/// What a request required and what it reached when a quorum failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuorumShortfall {
+    pub required: u8,
+    pub acked: u8,
+    /// For writes: durable acknowledgements required (`dw`) and reached.
+    pub durable_required: u8,
+    pub durable_acked: u8,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{decode_frame, encode_frame};
+
+    #[test]
+    fn requests_round_trip_through_frames() {
+        let requests = vec![
+            Request::Get {
+                keyspace: DEFAULT_KEYSPACE.into(),
+                key: b"k".to_vec(),
+                options: ReadOptions {
+                    r: Some(2),
+                    timeout_ms: None,
+                },
+            },
+            Request::Put {
+                keyspace: DEFAULT_KEYSPACE.into(),
+                key: b"k".to_vec(),
+                value: vec![0, 159, 146, 150],
+                context: Some(Context::from_bytes(vec![1, 2, 3])),
+                request_id: RequestId([7; 16]),
+                options: WriteOptions {
+                    w: Some(3),
+                    dw: Some(0),
+                    timeout_ms: Some(500),
+                },
+            },
+            Request::ClusterInfo,
+        ];
+        for request in requests {
+            let frame = encode_frame(&request, 1 << 20).unwrap();
+            assert_eq!(decode_frame::<Request>(&frame, 1 << 20).unwrap(), request);
+        }
+    }
+
+    #[test]
+    fn error_replies_round_trip() {
+        let response = Response::Error(ErrorReply {
+            kind: ErrorKind::QuorumNotReached,
+            message: "2 of 3 replicas acknowledged".into(),
+            quorum: Some(QuorumShortfall {
+                required: 3,
+                acked: 2,
+                durable_required: 1,
+                durable_acked: 1,
+            }),
+        });
+        let frame = encode_frame(&response, 1 << 20).unwrap();
+        assert_eq!(decode_frame::<Response>(&frame, 1 << 20).unwrap(), response);
+    }
+}

@@ -1,0 +1,384 @@
+//! `quorumkv`: the QuorumKV node binary and its operator commands.
+//!
+//! Subcommands (one variant of [`Command`] each):
+//!
+//! - `quorumkv certs init --dir DIR [--force]`: create the cluster CA (`ca.pem`, `ca.key`).
+//! - `quorumkv certs issue --dir DIR (--node ID | --client NAME) [--force]`: issue a node or
+//!   client certificate signed by the CA in DIR.
+//! - `quorumkv config check [--config FILE] [flags]`: load and validate a configuration, check
+//!   its TLS files, and print the effective configuration as TOML.
+//! - `quorumkv start [--config FILE] [flags]`: run a node until SIGINT or SIGTERM, then stop
+//!   it cleanly (flush, write the clean-shutdown incarnation record).
+//! - `quorumkv dev [--nodes 3] [--dir DIR]`: run a local cluster on loopback.
+//! - `quorumkv put KEY VALUE`, `get KEY`, `delete KEY`: talk to a cluster (see
+//!   `quorumkv_node::cli_client` for flags, output formats and exit codes).
+//!
+//! Exit status: 0 on success; 2 for usage errors and invalid input (bad flags, a bad or
+//! missing config, an invalid name, certificate files that are missing or do not fit the
+//! config, a file that exists without `--force`); 1 for everything else. Errors are one line
+//! on stderr. Logs go to stderr too, filtered by `RUST_LOG` (default `info`).
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use quorumkv_node::certs::{self, IfExists};
+use quorumkv_node::cli_client::{run_delete, run_get, run_put, ClientArgs};
+use quorumkv_node::config::ConfigArgs;
+use quorumkv_node::dev::DevArgs;
+use quorumkv_node::{tls, Error};
+use quorumkv_ring::NodeId;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// QuorumKV: a leaderless, Dynamo-style replicated key-value store.
+#[derive(Debug, Parser)]
+#[command(name = "quorumkv", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the cluster CA and issue node and client certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Inspect a node configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Run a node.
+    Start {
+        // Boxed: the overrides are large next to every other subcommand's arguments.
+        #[command(flatten)]
+        config: Box<ConfigArgs>,
+    },
+    /// Run a local cluster on loopback: certificates, configs and data under DIR.
+    Dev(DevArgs),
+    /// Write VALUE under KEY.
+    Put {
+        key: String,
+        value: String,
+        #[command(flatten)]
+        args: Box<ClientArgs>,
+    },
+    /// Read KEY: its siblings and a context for the next write.
+    Get {
+        key: String,
+        #[command(flatten)]
+        args: Box<ClientArgs>,
+    },
+    /// Delete KEY (what the given context, or a fresh read, saw).
+    Delete {
+        key: String,
+        #[command(flatten)]
+        args: Box<ClientArgs>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Create the cluster CA in DIR: ca.pem and ca.key (mode 0600).
+    Init {
+        /// Directory for the CA files (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Replace an existing CA. Every certificate the old CA issued stops working.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a certificate signed by the CA in DIR.
+    Issue {
+        /// Directory holding ca.pem and ca.key; the new files are written there too.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        #[command(flatten)]
+        subject: Subject,
+        /// Replace an existing certificate and key of the same name.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Whom a certificate is for: exactly one of a node or a client.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct Subject {
+    /// A node certificate for node ID (files node-ID.pem, node-ID.key).
+    #[arg(long, value_name = "ID")]
+    node: Option<NodeId>,
+    /// A client certificate for NAME (files client-NAME.pem, client-NAME.key).
+    #[arg(long, value_name = "NAME")]
+    client: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Load and validate a configuration, check its TLS files, and print it with every
+    /// default filled in.
+    Check {
+        // Boxed: the overrides are large next to every other subcommand's arguments.
+        #[command(flatten)]
+        config: Box<ConfigArgs>,
+        /// Do not read the TLS files (validate the configuration alone).
+        #[arg(long)]
+        skip_tls: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(&err),
+    };
+    init_tracing();
+    // The client commands and `dev` choose their own exit codes (see their modules).
+    let cli = match cli.command {
+        Command::Dev(args) => return exit(runtime().map(|rt| rt.block_on(quorumkv_node::dev::run(args)))),
+        Command::Put { key, value, args } => {
+            return exit(runtime().map(|rt| rt.block_on(run_put(&args, &key, &value))))
+        }
+        Command::Get { key, args } => return exit(runtime().map(|rt| rt.block_on(run_get(&args, &key)))),
+        Command::Delete { key, args } => {
+            return exit(runtime().map(|rt| rt.block_on(run_delete(&args, &key))))
+        }
+        command => Cli { command },
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("quorumkv: {}{}", one_line(&format!("{err:#}")), hint(&err));
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Certs(command) => run_certs(command),
+        Command::Config(command) => run_config(command),
+        Command::Start { config } => run_start(&config),
+        Command::Dev(_) | Command::Put { .. } | Command::Get { .. } | Command::Delete { .. } => {
+            anyhow::bail!("handled before run")
+        }
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
+fn exit(code: std::io::Result<i32>) -> ExitCode {
+    match code {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("quorumkv: cannot start the async runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_start(config: &ConfigArgs) -> anyhow::Result<()> {
+    let config = config.load()?;
+    tls::check_node_files(&config.tls, &config.node_id)?;
+    let prometheus = install_metrics()?;
+    let runtime = runtime().context("starting the async runtime")?;
+    runtime.block_on(quorumkv_node::server::run(config, Some(prometheus), shutdown_signal()))?;
+    Ok(())
+}
+
+/// Installs the Prometheus recorder with the project's explicit latency buckets.
+fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            quorumkv_node::metrics::LATENCY_BUCKETS_SECONDS,
+        )
+        .context("configuring metric buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    quorumkv_node::metrics::describe();
+    Ok(handle)
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let ctrl_c = tokio::signal::ctrl_c();
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
+
+fn run_certs(command: CertsCommand) -> anyhow::Result<()> {
+    let if_exists = |force| {
+        if force {
+            IfExists::Overwrite
+        } else {
+            IfExists::Refuse
+        }
+    };
+    let paths = match command {
+        CertsCommand::Init { dir, force } => {
+            certs::init_ca(&dir, if_exists(force)).context("creating the cluster CA")?
+        }
+        CertsCommand::Issue {
+            dir,
+            subject,
+            force,
+        } => match (subject.node, subject.client) {
+            (Some(id), _) => certs::issue_node(&dir, &id, if_exists(force))
+                .with_context(|| format!("issuing a certificate for node {id}"))?,
+            (None, Some(name)) => certs::issue_client(&dir, &name, if_exists(force))
+                .with_context(|| format!("issuing a certificate for client {name}"))?,
+            // clap's group makes exactly one of them required.
+            (None, None) => anyhow::bail!("give --node ID or --client NAME"),
+        },
+    };
+    println!("{}", paths.cert.display());
+    println!("{}", paths.key.display());
+    Ok(())
+}
+
+fn run_config(command: ConfigCommand) -> anyhow::Result<()> {
+    match command {
+        ConfigCommand::Check { config, skip_tls } => {
+            let config = config.load()?;
+            if !skip_tls {
+                tls::check_node_files(&config.tls, &config.node_id)?;
+            }
+            print!("{}", config.to_toml()?);
+            Ok(())
+        }
+    }
+}
+
+/// Prints a clap error as one line (keeping clap's tips) and picks the exit code: 0 for
+/// `--help` and `--version`, 2 for usage errors.
+fn usage_error(err: &clap::Error) -> ExitCode {
+    if !err.use_stderr() {
+        // --help or --version: clap's output is the point; print it whole.
+        let _ = err.print();
+        return ExitCode::SUCCESS;
+    }
+    if err.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        // A bare `quorumkv` or `quorumkv certs`: the help is the useful answer.
+        let _ = err.print();
+        return ExitCode::from(2);
+    }
+    let rendered = err.render().to_string();
+    let mut lines = rendered.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ");
+    let tips: Vec<&str> = lines.filter(|l| l.starts_with("tip:")).collect();
+    let mut message = first.to_owned();
+    for tip in tips {
+        message.push_str("; ");
+        message.push_str(tip);
+    }
+    eprintln!("quorumkv: {message} (see --help)");
+    ExitCode::from(2)
+}
+
+/// 2 when the operator's input was wrong: a bad or inconsistent config, a name, certificate
+/// files that are missing or do not fit, a file that exists without --force. 1 otherwise.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    let invalid_input = err.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<Error>(),
+            Some(
+                Error::Config { .. }
+                    | Error::ConfigFile { .. }
+                    | Error::InvalidClientName { .. }
+                    | Error::CertificateFile { .. }
+                    | Error::CertificateExists { .. }
+                    | Error::Tls { .. }
+            )
+        )
+    });
+    if invalid_input {
+        2
+    } else {
+        1
+    }
+}
+
+/// What the operator can do about an error, where the binary knows better than the library.
+fn hint(err: &anyhow::Error) -> &'static str {
+    let exists = err.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<Error>(),
+            Some(Error::CertificateExists { .. })
+        )
+    });
+    if exists {
+        " (pass --force to replace it)"
+    } else {
+        ""
+    }
+}
+
+/// Error messages from libraries occasionally span lines; an operator's log wants one.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn issue_needs_exactly_one_subject() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied());
+        assert!(parse(&["quorumkv", "certs", "issue", "--dir", "d", "--node", "n1"]).is_ok());
+        assert!(parse(&["quorumkv", "certs", "issue", "--dir", "d", "--client", "c"]).is_ok());
+        assert!(parse(&["quorumkv", "certs", "issue", "--dir", "d"]).is_err());
+        let both = [
+            "quorumkv", "certs", "issue", "--dir", "d", "--node", "n1", "--client", "c",
+        ];
+        assert!(parse(&both).is_err());
+        assert!(parse(&["quorumkv", "certs", "issue", "--dir", "d", "--node", "N1"]).is_err());
+    }
+
+    #[test]
+    fn invalid_input_exits_2_and_the_rest_1() {
+        let config = anyhow::Error::new(Error::Config {
+            field: "ranges".into(),
+            reason: "bad".into(),
+        });
+        assert_eq!(exit_code(&config.context("loading")), 2);
+        let exists = anyhow::Error::new(Error::CertificateExists {
+            path: "ca.pem".into(),
+        });
+        assert_eq!(exit_code(&exists), 2);
+        let failed = anyhow::Error::new(Error::Certificate {
+            reason: "signing failed".into(),
+        });
+        assert_eq!(exit_code(&failed), 1);
+        assert_eq!(one_line("a\n  b\tc"), "a b c");
+    }
+}

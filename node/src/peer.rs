@@ -1,0 +1,96 @@
+//! The peer protocol: the messages nodes exchange.
+//!
+//! Peers talk over QUIC connections negotiated with the peer ALPN (`crate::tls::PEER_ALPN`) and mutually
+//! authenticated with node certificates. Each message travels as one frame (see
+//! `quorumkv_client::frame`) on its own unidirectional stream, so a slow message never blocks
+//! another and QUIC's stream limit is the backpressure. Messages are fire-and-forget: requests
+//! and their answers are matched by the sender's [`OpId`], and a lost answer shows up as a
+//! timeout in the coordinator, never as a hang.
+//!
+//! The first frame on every new connection is [`Hello`]: the dialing node names itself and the
+//! fingerprint of the cluster map it runs with. The accepting node refuses a peer whose claimed
+//! id differs from its certificate's, or whose fingerprint differs from its own, and says both
+//! fingerprints in the close reason, so a misconfigured member is found at connect time rather
+//! than by silently misplaced data.
+//!
+//! Key states travel as their canonical encoding (`KeyState::encode_canonical`) and are decoded
+//! with validation on arrival; a replica that receives a corrupt state answers with an error
+//! instead of storing it.
+
+use quorumkv_client::protocol::{Request, Response};
+use serde::{Deserialize, Serialize};
+
+/// Identifies one operation at the node that started it; answers carry it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct OpId(pub u64);
+
+/// The first frame on a peer connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The dialing node's id; must match its certificate.
+    pub node: String,
+    /// Hex fingerprint of the dialing node's cluster map (ring, keyspaces, addresses).
+    pub fingerprint: String,
+}
+
+/// A message between two nodes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum PeerMessage {
+    /// A client request handed to a member of the key's preference list, by a node that is
+    /// not one (so version vectors only ever name the key's owners).
+    Forward { op: OpId, request: Request },
+    /// The coordinator's answer to a [`PeerMessage::Forward`].
+    ForwardReply { op: OpId, response: Response },
+    /// Merge this state into your copy of the key. `durable` asks for a second answer once the
+    /// merge is flushed to disk.
+    Replicate {
+        op: OpId,
+        keyspace: String,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        state: Vec<u8>,
+        durable: bool,
+    },
+    /// The replica merged the state of `op`.
+    Applied { op: OpId },
+    /// The replica's merge of `op` is on disk.
+    Durable { op: OpId },
+    /// Send me your copy of the key.
+    Read {
+        op: OpId,
+        keyspace: String,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// The replica's copy (canonical encoding), `None` if it has none.
+    ReadReply {
+        op: OpId,
+        #[serde(with = "serde_bytes")]
+        state: Option<Vec<u8>>,
+    },
+    /// The replica could not serve `op` (corrupt input, storage error); the reason is for logs.
+    Failed { op: OpId, reason: String },
+    /// Failure detector probe.
+    Ping { nonce: u64 },
+    /// Answer to a [`PeerMessage::Ping`].
+    Pong { nonce: u64 },
+}
+
+impl PeerMessage {
+    /// A short name for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PeerMessage::Forward { .. } => "forward",
+            PeerMessage::ForwardReply { .. } => "forward_reply",
+            PeerMessage::Replicate { .. } => "replicate",
+            PeerMessage::Applied { .. } => "applied",
+            PeerMessage::Durable { .. } => "durable",
+            PeerMessage::Read { .. } => "read",
+            PeerMessage::ReadReply { .. } => "read_reply",
+            PeerMessage::Failed { .. } => "failed",
+            PeerMessage::Ping { .. } => "ping",
+            PeerMessage::Pong { .. } => "pong",
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! Quorum accounting: counting replica answers against what a request requires.
+//!
+//! A coordinator asks the N replicas of a key and must decide, answer by answer, whether the
+//! request has reached its quorum, can no longer reach it, or must keep waiting. This module
+//! makes that decision and nothing else: it holds no sockets, reads no clock and never waits.
+//! The coordinator feeds it events ([`Tally::record`]) and asks for the [`Verdict`]; when the
+//! request's deadline passes the coordinator calls [`Tally::shortfall`] to say what was
+//! required and what was reached.
+//!
+//! A write has two thresholds (as in Riak): `w` replicas must have applied it, and `dw` of them
+//! must have flushed it to disk. A replica reports each stage separately, so a fast replica that
+//! has applied but not yet flushed already counts toward `w`. A read has one threshold, `r`,
+//! and its `dw` is zero.
+//!
+//! The verdict is *failed* as soon as the replicas still waiting could not make up the
+//! difference, so a request fails fast when, say, two of three replicas are known to be down
+//! and W = 3, instead of waiting for its timeout. Answers that arrive after the verdict are
+//! still recorded (a later issue uses them for read repair) but never change a decided verdict.
+//!
+//! **Invariant:** a verdict, once `Reached` or `Failed`, never changes.
+
+use quorumkv_ring::NodeId;
+use std::collections::BTreeMap;
+
+/// An answer (or a failure) from one replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaProgress {
+    /// Answered: applied the write, or returned its copy for a read.
+    Applied,
+    /// Applied and flushed to disk.
+    Durable,
+    /// Failed, timed out at the transport, or known to be down.
+    Failed,
+}
+
+/// What the tally knows of one replica. Separate from [`ReplicaProgress`] because "applied,
+/// then failed to flush" counts toward `w` but can no longer count toward `dw`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Waiting,
+    Applied,
+    Durable,
+    Failed,
+    AppliedThenFailed,
+}
+
+impl State {
+    fn applied(self) -> bool {
+        matches!(self, State::Applied | State::Durable | State::AppliedThenFailed)
+    }
+}
+
+/// The decision so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Neither reached nor impossible yet.
+    Pending,
+    /// Both thresholds are met.
+    Reached,
+    /// The replicas still waiting cannot make up the shortfall.
+    Failed,
+}
+
+/// What a request required and what it reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shortfall {
+    pub required: u8,
+    pub acked: u8,
+    pub durable_required: u8,
+    pub durable_acked: u8,
+}
+
+/// Counts one request's replica answers.
+#[derive(Clone, Debug)]
+pub struct Tally {
+    required: u8,
+    durable_required: u8,
+    replicas: BTreeMap<NodeId, State>,
+    decided: Option<Verdict>,
+}
+
+impl Tally {
+    /// A tally over `replicas`, requiring `required` answers of which `durable_required` durable.
+    ///
+    /// The caller has validated `durable_required <= required <= replicas.len()`; if it has not,
+    /// the tally is simply impossible to reach and fails at once.
+    pub fn new(replicas: impl IntoIterator<Item = NodeId>, required: u8, durable_required: u8) -> Tally {
+        let replicas = replicas
+            .into_iter()
+            .map(|node| (node, State::Waiting))
+            .collect();
+        let mut tally = Tally {
+            required,
+            durable_required,
+            replicas,
+            decided: None,
+        };
+        tally.decide();
+        tally
+    }
+
+    /// Records that `node` reached `progress`. Progress only moves forward (a late `Applied`
+    /// after `Durable` changes nothing), and a replica that failed after applying keeps the
+    /// applied answer it already gave.
+    pub fn record(&mut self, node: &NodeId, progress: ReplicaProgress) -> Verdict {
+        if let Some(current) = self.replicas.get_mut(node) {
+            *current = match (*current, progress) {
+                (State::Waiting, ReplicaProgress::Applied) => State::Applied,
+                (State::Waiting, ReplicaProgress::Durable) => State::Durable,
+                (State::Waiting, ReplicaProgress::Failed) => State::Failed,
+                (State::Applied, ReplicaProgress::Durable) => State::Durable,
+                // A replica that applied and then failed to flush still applied.
+                (State::Applied, ReplicaProgress::Failed) => State::AppliedThenFailed,
+                (current, _) => current,
+            };
+        }
+        self.decide()
+    }
+
+    /// The verdict so far.
+    pub fn verdict(&self) -> Verdict {
+        self.decided.unwrap_or(Verdict::Pending)
+    }
+
+    /// What was required and what was reached, for the error a failed request returns.
+    pub fn shortfall(&self) -> Shortfall {
+        Shortfall {
+            required: self.required,
+            acked: self.count(State::applied),
+            durable_required: self.durable_required,
+            durable_acked: self.count(|s| s == State::Durable),
+        }
+    }
+
+    /// The replicas that have not answered yet.
+    pub fn waiting(&self) -> impl Iterator<Item = &NodeId> {
+        self.replicas
+            .iter()
+            .filter(|(_, s)| **s == State::Waiting)
+            .map(|(node, _)| node)
+    }
+
+    fn count(&self, pred: impl Fn(State) -> bool) -> u8 {
+        // At most a preference list's worth of replicas, far below u8::MAX.
+        self.replicas.values().filter(|p| pred(**p)).count() as u8
+    }
+
+    fn decide(&mut self) -> Verdict {
+        if let Some(verdict) = self.decided {
+            return verdict;
+        }
+        let applied = self.count(State::applied);
+        let durable = self.count(|s| s == State::Durable);
+        let waiting = self.count(|s| s == State::Waiting);
+        let may_still_flush = self.count(|s| s == State::Applied);
+        let verdict = if applied >= self.required && durable >= self.durable_required {
+            Verdict::Reached
+        } else if applied + waiting < self.required
+            || durable + waiting + may_still_flush < self.durable_required
+        {
+            Verdict::Failed
+        } else {
+            Verdict::Pending
+        };
+        if verdict != Verdict::Pending {
+            self.decided = Some(verdict);
+        }
+        verdict
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ReplicaProgress::*;
+
+    fn nodes() -> Vec<NodeId> {
+        ["a", "b", "c"].iter().map(|id| NodeId::new(*id).unwrap()).collect()
+    }
+
+    fn id(name: &str) -> NodeId {
+        NodeId::new(name).unwrap()
+    }
+
+    #[test]
+    fn write_reaches_w_and_dw() {
+        let mut tally = Tally::new(nodes(), 2, 1);
+        assert_eq!(tally.record(&id("a"), Applied), Verdict::Pending);
+        // Two applied, none durable yet: W met, DW not.
+        assert_eq!(tally.record(&id("b"), Applied), Verdict::Pending);
+        assert_eq!(tally.record(&id("b"), Durable), Verdict::Reached);
+    }
+
+    #[test]
+    fn fails_fast_when_the_waiting_replicas_cannot_make_it() {
+        // One node killed, W = 3: the failure decides at once, before any timeout.
+        let mut tally = Tally::new(nodes(), 3, 1);
+        tally.record(&id("a"), Durable);
+        tally.record(&id("b"), Durable);
+        assert_eq!(tally.record(&id("c"), Failed), Verdict::Failed);
+        let shortfall = tally.shortfall();
+        assert_eq!((shortfall.required, shortfall.acked), (3, 2));
+    }
+
+    #[test]
+    fn dw_zero_needs_no_flush() {
+        let mut tally = Tally::new(nodes(), 1, 0);
+        assert_eq!(tally.record(&id("c"), Applied), Verdict::Reached);
+    }
+
+    #[test]
+    fn verdict_never_changes_once_decided() {
+        let mut tally = Tally::new(nodes(), 1, 0);
+        assert_eq!(tally.record(&id("a"), Applied), Verdict::Reached);
+        tally.record(&id("b"), Failed);
+        tally.record(&id("c"), Failed);
+        assert_eq!(tally.verdict(), Verdict::Reached);
+    }
+
+    #[test]
+    fn durable_can_still_come_from_an_applied_replica() {
+        let mut tally = Tally::new(nodes(), 2, 2);
+        tally.record(&id("a"), Applied);
+        tally.record(&id("b"), Applied);
+        assert_eq!(tally.record(&id("c"), Failed), Verdict::Pending);
+        assert_eq!(tally.record(&id("a"), Durable), Verdict::Pending);
+        assert_eq!(tally.record(&id("b"), Durable), Verdict::Reached);
+    }
+
+    #[test]
+    fn a_replica_that_applied_then_failed_to_flush_keeps_its_applied_answer() {
+        let mut tally = Tally::new(nodes(), 2, 2);
+        tally.record(&id("a"), Durable);
+        tally.record(&id("b"), Applied);
+        tally.record(&id("c"), Failed);
+        // b can no longer flush: DW = 2 is impossible.
+        assert_eq!(tally.record(&id("b"), Failed), Verdict::Failed);
+        assert_eq!(tally.shortfall().acked, 2);
+        assert_eq!(tally.shortfall().durable_acked, 1);
+    }
+
+    #[test]
+    fn answers_from_unknown_nodes_are_ignored() {
+        let mut tally = Tally::new(nodes(), 1, 0);
+        assert_eq!(tally.record(&id("z"), Applied), Verdict::Pending);
+    }
+
+    #[test]
+    fn impossible_requirements_fail_at_once() {
+        let tally = Tally::new(nodes(), 4, 0);
+        assert_eq!(tally.verdict(), Verdict::Failed);
+    }
+}

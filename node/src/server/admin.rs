@@ -1,0 +1,82 @@
+//! The admin HTTP server: `/health`, `/ready` and `/metrics`.
+//!
+//! * `/health` answers 200 as long as the process serves HTTP at all.
+//! * `/ready` answers 200 once storage is open, the incarnation is settled, the QUIC endpoint
+//!   is bound and the core is running (membership is static, so every peer is known from the
+//!   configuration); 503 before that and while shutting down. `quorumkv dev` and the test
+//!   harness wait on it.
+//! * `/metrics` renders the Prometheus exposition format from the recorder installed at start.
+
+use crate::error::{Error, Result};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+#[derive(Clone)]
+struct AdminState {
+    ready: Arc<AtomicBool>,
+    prometheus: Option<PrometheusHandle>,
+}
+
+/// A running admin server.
+#[derive(Debug)]
+pub struct AdminServer {
+    pub local_addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+}
+
+impl AdminServer {
+    /// Stops serving.
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+    }
+}
+
+/// Binds `address` and serves the admin endpoints in the background.
+pub async fn serve(address: SocketAddr, ready: Arc<AtomicBool>, prometheus: Option<PrometheusHandle>) -> Result<AdminServer> {
+    let state = AdminState { ready, prometheus };
+    let router = Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/ready", get(ready_handler))
+        .route("/metrics", get(metrics_handler))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| Error::Config {
+        field: "admin_listen".into(),
+        reason: format!("cannot bind {address}: {e}"),
+    })?;
+    let local_addr = listener.local_addr().map_err(|e| Error::Config {
+        field: "admin_listen".into(),
+        reason: e.to_string(),
+    })?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let server = axum::serve(listener, router).with_graceful_shutdown(async {
+            let _ = stopped.await;
+        });
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+    Ok(AdminServer { local_addr, stop })
+}
+
+async fn ready_handler(State(state): State<AdminState>) -> (StatusCode, &'static str) {
+    if state.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics_handler(State(state): State<AdminState>) -> (StatusCode, String) {
+    match &state.prometheus {
+        Some(handle) => (StatusCode::OK, handle.render()),
+        None => (StatusCode::OK, String::new()),
+    }
+}

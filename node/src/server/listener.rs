@@ -1,0 +1,263 @@
+//! Accepting connections: one QUIC endpoint, two protocols.
+//!
+//! Every incoming connection has completed a mutual-TLS handshake against the cluster CA
+//! before this code sees it. The negotiated ALPN then decides what it may do:
+//!
+//! * **Client protocol.** Each bidirectional stream carries one request frame and gets one
+//!   response frame. A malformed or oversized frame gets an `InvalidRequest` answer on that
+//!   stream and a metric; the connection and the node keep serving.
+//! * **Peer protocol.** Only node certificates are accepted; a client certificate is refused
+//!   with a close reason. The first unidirectional stream must be a `Hello` whose node id
+//!   matches the certificate and whose cluster-map fingerprint matches ours; otherwise the
+//!   connection is closed with a reason that names both fingerprints. After that, every
+//!   unidirectional stream is one peer message for the core, tagged with the certificate's
+//!   node id (never an id the message claims).
+
+use super::core_task::CoreHandle;
+use crate::core::Input;
+use crate::metrics;
+use crate::peer::{Hello, PeerMessage};
+use crate::tls::{self, Identity, PEER_ALPN};
+use quorumkv_client::frame::{decode_body, decode_header, encode_frame, FRAME_HEADER_LEN};
+use quorumkv_client::protocol::{ErrorKind, ErrorReply, Request, Response, CLIENT_ALPN};
+use quorumkv_ring::NodeId;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Close codes the node uses on QUIC connections.
+pub mod close_code {
+    /// The peer's certificate is not a node certificate.
+    pub const NOT_A_NODE: u32 = 0x10;
+    /// The peer's hello is missing, malformed, or names another node than its certificate.
+    pub const BAD_HELLO: u32 = 0x11;
+    /// The peer runs with another cluster map.
+    pub const FINGERPRINT_MISMATCH: u32 = 0x12;
+    /// The ALPN is neither protocol.
+    pub const UNKNOWN_PROTOCOL: u32 = 0x13;
+}
+
+/// How long a peer has to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the listener needs to know.
+#[derive(Clone, Debug)]
+pub struct ListenerConfig {
+    pub me: NodeId,
+    pub fingerprint: String,
+    pub frame_bytes_max: u32,
+}
+
+/// Accepts connections until the endpoint closes.
+pub async fn accept(endpoint: quinn::Endpoint, config: ListenerConfig, core: CoreHandle) {
+    while let Some(incoming) = endpoint.accept().await {
+        let config = config.clone();
+        let core = core.clone();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(connection) => serve_connection(connection, config, core).await,
+                // Handshake failures (no or foreign certificate) end here; rustls has already
+                // sent the TLS alert that tells the client why.
+                Err(e) => tracing::info!(error = %e, "incoming connection refused during handshake"),
+            }
+        });
+    }
+}
+
+async fn serve_connection(connection: quinn::Connection, config: ListenerConfig, core: CoreHandle) {
+    let alpn = connection
+        .handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|data| data.protocol);
+    let identity = match tls::peer_identity(&connection) {
+        Ok(identity) => identity,
+        Err(e) => {
+            tracing::warn!(remote = %connection.remote_address(), error = %e, "certificate has no usable identity");
+            connection.close(close_code::NOT_A_NODE.into(), e.to_string().as_bytes());
+            return;
+        }
+    };
+    match alpn.as_deref() {
+        Some(alpn) if alpn == CLIENT_ALPN => serve_client(connection, config, core).await,
+        Some(alpn) if alpn == PEER_ALPN => match identity {
+            Identity::Node(node) => serve_peer(connection, node, config, core).await,
+            other => {
+                metrics::peer_refused("not_a_node");
+                let reason = format!("the peer protocol accepts node certificates only; {other} presented a client certificate");
+                tracing::warn!(remote = %connection.remote_address(), %reason, "peer refused");
+                connection.close(close_code::NOT_A_NODE.into(), reason.as_bytes());
+            }
+        },
+        _ => connection.close(close_code::UNKNOWN_PROTOCOL.into(), b"unknown ALPN protocol"),
+    }
+}
+
+// ----- client protocol -----------------------------------------------------------------------
+
+async fn serve_client(connection: quinn::Connection, config: ListenerConfig, core: CoreHandle) {
+    while let Ok((send, recv)) = connection.accept_bi().await {
+        let core = core.clone();
+        let max = config.frame_bytes_max;
+        tokio::spawn(serve_client_stream(send, recv, core, max));
+    }
+}
+
+async fn serve_client_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, core: CoreHandle, max: u32) {
+    let started = Instant::now();
+    let response = match read_frame(&mut recv, max).await {
+        Ok(body) => match decode_body::<Request>(&body) {
+            Ok(request) => {
+                let operation = operation(&request);
+                let response = core.request(request).await;
+                metrics::request(operation, outcome(&response), started.elapsed().as_secs_f64());
+                response
+            }
+            Err(e) => bad_frame(format!("malformed request: {e}")),
+        },
+        Err(ReadError::Frame(e)) => {
+            // Tell the sender to stop: we will not read the rest of an oversized frame.
+            let _ = recv.stop(quinn::VarInt::from_u32(1));
+            bad_frame(format!("refused frame: {e}"))
+        }
+        Err(ReadError::Stream(e)) => {
+            tracing::debug!(error = %e, "client stream ended before a full request");
+            return;
+        }
+    };
+    let frame = match encode_frame(&response, max) {
+        Ok(frame) => frame,
+        Err(e) => match encode_frame(&bad_frame(format!("response could not be encoded: {e}")), max) {
+            Ok(frame) => frame,
+            Err(_) => return,
+        },
+    };
+    if send.write_all(&frame).await.is_ok() {
+        let _ = send.finish();
+        // Wait until the client has the answer (or gave up) before dropping the stream.
+        let _ = send.stopped().await;
+    }
+}
+
+fn bad_frame(message: String) -> Response {
+    metrics::bad_frame("client");
+    tracing::info!(%message, "bad client frame");
+    Response::Error(ErrorReply {
+        kind: ErrorKind::InvalidRequest,
+        message,
+        quorum: None,
+    })
+}
+
+fn operation(request: &Request) -> &'static str {
+    match request {
+        Request::Get { .. } => "get",
+        Request::Put { .. } => "put",
+        Request::Delete { .. } => "delete",
+        Request::ClusterInfo => "cluster_info",
+    }
+}
+
+fn outcome(response: &Response) -> &'static str {
+    match response {
+        Response::Error(reply) => match reply.kind {
+            ErrorKind::InvalidRequest => "invalid_request",
+            ErrorKind::QuorumNotReached => "quorum_not_reached",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Internal => "internal",
+        },
+        _ => "ok",
+    }
+}
+
+// ----- peer protocol -------------------------------------------------------------------------
+
+async fn serve_peer(connection: quinn::Connection, node: NodeId, config: ListenerConfig, core: CoreHandle) {
+    if let Err((code, reason)) = check_hello(&connection, &node, &config).await {
+        tracing::error!(peer = %node, %reason, "peer refused");
+        connection.close(code.into(), reason.as_bytes());
+        return;
+    }
+    tracing::debug!(peer = %node, "peer connected");
+    let inbox = core.inbox();
+    while let Ok(mut recv) = connection.accept_uni().await {
+        let inbox = inbox.clone();
+        let node = node.clone();
+        let max = config.frame_bytes_max;
+        tokio::spawn(async move {
+            match read_frame(&mut recv, max).await.map_err(|e| e.to_string()).and_then(|body| {
+                decode_body::<PeerMessage>(&body).map_err(|e| e.to_string())
+            }) {
+                Ok(message) => {
+                    let _ = inbox.send(Input::Peer { from: node, message });
+                }
+                Err(reason) => {
+                    metrics::bad_frame("peer");
+                    tracing::warn!(peer = %node, %reason, "bad peer frame");
+                }
+            }
+        });
+    }
+}
+
+async fn check_hello(connection: &quinn::Connection, node: &NodeId, config: &ListenerConfig) -> Result<(), (u32, String)> {
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let mut recv = connection.accept_uni().await.map_err(|e| e.to_string())?;
+        let body = read_frame(&mut recv, config.frame_bytes_max).await.map_err(|e| e.to_string())?;
+        decode_body::<Hello>(&body).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|_| "no hello in time".to_string())
+    .and_then(|hello| hello)
+    .map_err(|reason| {
+        metrics::peer_refused("bad_hello");
+        (close_code::BAD_HELLO, format!("bad hello from {node}: {reason}"))
+    })?;
+    if hello.node != node.as_str() {
+        metrics::peer_refused("claimed_id_mismatch");
+        return Err((
+            close_code::BAD_HELLO,
+            format!("peer claims to be node {} but its certificate is node {node}", hello.node),
+        ));
+    }
+    if hello.fingerprint != config.fingerprint {
+        metrics::peer_refused("fingerprint_mismatch");
+        return Err((
+            close_code::FINGERPRINT_MISMATCH,
+            format!(
+                "cluster map mismatch: node {node} has fingerprint {}, node {} has {}; \
+                 members, ranges and keyspaces must be configured identically on every node",
+                hello.fingerprint, config.me, config.fingerprint
+            ),
+        ));
+    }
+    Ok(())
+}
+
+// ----- frames --------------------------------------------------------------------------------
+
+#[derive(Debug)]
+enum ReadError {
+    /// The header was refused (oversized, unknown version).
+    Frame(quorumkv_client::Error),
+    /// The stream failed or ended early.
+    Stream(String),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Frame(e) => write!(f, "{e}"),
+            ReadError::Stream(e) => write!(f, "stream: {e}"),
+        }
+    }
+}
+
+/// Reads one frame body, checking the header before allocating for the body.
+async fn read_frame(recv: &mut quinn::RecvStream, max: u32) -> Result<Vec<u8>, ReadError> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    recv.read_exact(&mut header).await.map_err(|e| ReadError::Stream(e.to_string()))?;
+    let len = decode_header(header, max).map_err(ReadError::Frame)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| ReadError::Stream(e.to_string()))?;
+    Ok(body)
+}

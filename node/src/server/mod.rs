@@ -1,0 +1,156 @@
+//! The node's async shell: everything between the core and the outside world.
+//!
+//! [`run`] starts a node from its [`Config`]:
+//!
+//! 1. open storage (sled) and settle the incarnation: reuse the actor after a clean shutdown,
+//!    draw a new one otherwise, and make that record durable before serving anything;
+//! 2. build the cluster map (ring, keyspaces, addresses) and its fingerprint;
+//! 3. bind one QUIC endpoint that serves both protocols, told apart by ALPN: clients
+//!    (`quorumkv-client/1`) and peers (`quorumkv-peer/1`), both with mutual TLS against the
+//!    cluster CA;
+//! 4. start the core task (see [`core_task`]), the peer transport, and the admin HTTP server
+//!    (`/health`, `/ready`, `/metrics`);
+//! 5. on shutdown, stop accepting, stop the core, flush storage and write the clean-shutdown
+//!    incarnation record, so the next start may reuse the actor.
+//!
+//! Everything here is plumbing: no replication decision is made in this module.
+
+pub mod admin;
+pub mod core_task;
+pub mod listener;
+
+use crate::config::Config;
+use crate::core::{ClusterMap, CoreConfig, NodeCore};
+use crate::error::{Error, Result};
+use crate::storage::sled_store::{SledOptions, SledStorage};
+use crate::storage::Storage;
+use crate::transport::quic::{PeerRoute, QuicTransport, QuicTransportConfig};
+use crate::version_vector::{on_clean_shutdown, on_start};
+use crate::{tls, Result as NodeResult};
+use quorumkv_ring::{Node, Ring, RingConfig};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Builds the cluster map every member must agree on from the static configuration.
+pub fn cluster_map(config: &Config) -> NodeResult<ClusterMap> {
+    let ring_config = RingConfig::new(config.ranges, config.replication_max)
+        .map_err(|e| Error::Config { field: "ranges".into(), reason: e.to_string() })?;
+    let mut members = Vec::new();
+    let mut addresses = std::collections::BTreeMap::new();
+    for member in &config.members {
+        let node = Node::new(member.id.clone(), member.zone.clone(), member.capacity)
+            .map_err(|e| Error::Config { field: "members".into(), reason: e.to_string() })?;
+        members.push(node);
+        addresses.insert(member.id.clone(), member.address.clone());
+    }
+    let ring = Ring::build(ring_config, members)
+        .map_err(|e| Error::Config { field: "members".into(), reason: e.to_string() })?;
+    let keyspaces = config.keyspaces.iter().map(|(name, ks)| (name.clone(), ks.n)).collect();
+    Ok(ClusterMap { ring, keyspaces, addresses })
+}
+
+/// The core's knobs, taken from the node configuration.
+pub fn core_config(config: &Config) -> CoreConfig {
+    CoreConfig {
+        request_timeout_ms: config.timeouts.request_timeout_ms,
+        ping_interval_ms: config.timeouts.ping_interval_ms,
+        peer_down_after_ms: config.timeouts.peer_down_after_ms,
+        key_bytes_max: config.limits.key_bytes_max,
+        value_bytes_max: config.limits.value_bytes_max,
+        context_entries_max: config.limits.context_entries_max,
+        in_flight_requests_max: config.limits.in_flight_requests_max,
+    }
+}
+
+/// Runs a node until `shutdown` resolves, then stops it cleanly.
+pub async fn run(
+    config: Config,
+    prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let me = config.node_id.clone();
+    let map = Arc::new(cluster_map(&config)?);
+    let fingerprint = map.fingerprint();
+
+    let data_dir = config.data_dir.clone();
+    let storage = tokio::task::spawn_blocking(move || SledStorage::open(&data_dir, SledOptions::default()))
+        .await
+        .map_err(|e| Error::Storage { operation: "open", reason: e.to_string() })??;
+    let storage: Arc<dyn Storage> = Arc::new(storage);
+    let previous = storage.incarnation()?;
+    let clean = previous.as_ref().is_some_and(|record| record.clean_shutdown);
+    let (clock, record) = on_start(previous, rand::random());
+    storage.set_incarnation(&record)?;
+    tracing::info!(node = %me, actor = %record.actor, reused = clean, "incarnation settled");
+
+    let server_crypto = tls::server_crypto(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)?;
+    let server_config = tls::quic_server_config(server_crypto, &config.limits)?;
+    let endpoint = quinn::Endpoint::server(server_config, config.listen)
+        .map_err(|e| Error::Config { field: "listen".into(), reason: format!("cannot bind {}: {e}", config.listen) })?;
+    let peer_client = tls::quic_client_config(
+        tls::peer_client_crypto(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)?,
+        &config.limits,
+    )?;
+
+    let clock_origin = Instant::now();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let inbox = core_task::inbox();
+    let peers = map
+        .addresses
+        .iter()
+        .filter(|(id, _)| **id != me)
+        .map(|(id, address)| PeerRoute { id: id.clone(), address: address.clone() })
+        .collect();
+    let transport = QuicTransport::start(
+        endpoint.clone(),
+        QuicTransportConfig {
+            me: me.clone(),
+            fingerprint: fingerprint.clone(),
+            client_config: peer_client,
+            connect_timeout: Duration::from_millis(config.timeouts.connect_timeout_ms),
+            frame_bytes_max: config.limits.frame_bytes_max,
+        },
+        peers,
+        inbox.0.clone(),
+    );
+    let core = NodeCore::new(me.clone(), map.clone(), core_config(&config), clock, core_task::now(clock_origin));
+    let running = core_task::spawn(core, storage.clone(), Arc::new(transport), inbox, clock_origin, stop_rx.clone());
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = admin::serve(config.admin_listen, ready.clone(), prometheus).await?;
+    let listener = tokio::spawn(listener::accept(
+        endpoint.clone(),
+        listener::ListenerConfig {
+            me: me.clone(),
+            fingerprint,
+            frame_bytes_max: config.limits.frame_bytes_max,
+        },
+        running.handle.clone(),
+    ));
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(node = %me, listen = %config.listen, admin = %admin.local_addr, "node ready");
+
+    shutdown.await;
+    tracing::info!(node = %me, "shutting down");
+    ready.store(false, Ordering::SeqCst);
+    endpoint.close(quinn::VarInt::from_u32(0), b"node shutting down");
+    listener.abort();
+    let _ = stop_tx.send(true);
+    let core = running
+        .task
+        .await
+        .map_err(|e| Error::Storage { operation: "stop core", reason: e.to_string() })?;
+    let storage_for_flush = storage.clone();
+    tokio::task::spawn_blocking(move || storage_for_flush.flush())
+        .await
+        .map_err(|e| Error::Storage { operation: "flush", reason: e.to_string() })??;
+    storage.set_incarnation(&on_clean_shutdown(core.clock()))?;
+    endpoint.wait_idle().await;
+    admin.stop();
+    tracing::info!(node = %me, "stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,336 @@
+//! The in-memory twin of the sled store, for tests and the deterministic simulation.
+//!
+//! # What it models
+//!
+//! A real disk holds two things at once: what the engine has accepted (visible to reads) and
+//! what has reached stable storage (survives a power cut). [`MemoryStorage`] keeps both:
+//!
+//! - the **volatile** layer: everything written, which every read sees;
+//! - the **durable** layer: what the last [`Storage::flush`] covered;
+//! - the **pending** log: the writes between the two, in order.
+//!
+//! `flush` replays the pending log onto the durable layer. [`MemoryStorage::crash`] throws
+//! the volatile layer away and restarts from the durable one: unflushed data, unflushed aux
+//! records and sequence numbers past the durable one are lost, exactly as a node that lost
+//! power would lose them. Because a merge's data and aux writes enter the pending log as one
+//! entry, a crash loses both or neither, which is the atomicity the sled transaction gives.
+//! The incarnation record is always durable: `set_incarnation` flushes, as on disk.
+//!
+//! The model is deliberately the *worst* case the trait allows: a real engine may make some
+//! unflushed writes durable early (sled flushes in the background), never the reverse. A
+//! replication protocol that is correct here does not depend on luck with the page cache.
+//!
+//! # Determinism
+//!
+//! Everything is in `BTreeMap`s, so scans and any iteration a caller does replay exactly for a
+//! given seed. One `Mutex` serialises all calls; the simulation is single-threaded anyway, and
+//! the lock is what makes merges of one key serialise under the threaded tests.
+//!
+//! # Cost
+//!
+//! Creating one is a few empty maps. Stored states are shared between the layers through `Arc`,
+//! so a flush copies pointers, not states; only `crash` and [`MemoryStorage::clone_durable`]
+//! copy maps, and they are rare.
+
+use super::{scan_bounds, storage_key, AuxTable, AuxWrite, Merged, Storage, StoredKey, WriteSeq};
+use crate::error::{Error, Result};
+use crate::version_vector::{IncarnationRecord, KeyState};
+use quorumkv_ring::Token;
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// A stored state with what merges compare and report, computed once when it is written.
+#[derive(Debug)]
+struct Stored {
+    state: KeyState,
+    /// `encode_canonical` of `state`: "changed" means these bytes changed, as on disk.
+    canonical: Vec<u8>,
+    hash: [u8; 32],
+}
+
+impl Stored {
+    fn new(state: KeyState) -> Stored {
+        let canonical = state.encode_canonical();
+        let hash = state.state_hash();
+        Stored {
+            state,
+            canonical,
+            hash,
+        }
+    }
+}
+
+/// One consistent image of the store: the volatile view or the durable one.
+#[derive(Clone, Debug, Default)]
+struct Layer {
+    /// keyspace -> storage key -> state. Storage keys sort by token, as in sled.
+    data: BTreeMap<String, BTreeMap<Vec<u8>, Arc<Stored>>>,
+    aux: BTreeMap<AuxTable, BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// The sequence number of the last write this layer contains.
+    seq: WriteSeq,
+}
+
+impl Layer {
+    fn apply(&mut self, write: &PendingWrite) {
+        if let Some((keyspace, skey, stored)) = &write.data {
+            self.data
+                .entry(keyspace.clone())
+                .or_default()
+                .insert(skey.clone(), Arc::clone(stored));
+        }
+        for aux in &write.aux {
+            self.apply_aux(aux);
+        }
+        self.seq = self.seq.max(write.seq);
+    }
+
+    fn apply_aux(&mut self, aux: &AuxWrite) {
+        let table = self.aux.entry(aux.table).or_default();
+        match &aux.value {
+            Some(value) => {
+                table.insert(aux.key.clone(), value.clone());
+            }
+            None => {
+                table.remove(&aux.key);
+            }
+        }
+    }
+}
+
+/// One merge's writes, kept together so that flush and crash treat them as one unit.
+#[derive(Debug)]
+struct PendingWrite {
+    /// `(keyspace, storage key, state)` if the data changed.
+    data: Option<(String, Vec<u8>, Arc<Stored>)>,
+    aux: Vec<AuxWrite>,
+    /// The merge's sequence number.
+    seq: WriteSeq,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    volatile: Layer,
+    durable: Layer,
+    /// Writes in `volatile` but not yet in `durable`, oldest first.
+    pending: Vec<PendingWrite>,
+    /// rmp-serde bytes of the incarnation record; kept encoded so the codec is exercised as
+    /// the sled store exercises it. Always durable, so there is one copy.
+    incarnation: Option<Vec<u8>>,
+}
+
+impl Inner {
+    fn flush(&mut self) -> WriteSeq {
+        for write in self.pending.drain(..) {
+            self.durable.apply(&write);
+        }
+        self.durable.seq = self.volatile.seq;
+        self.durable.seq
+    }
+
+    /// The image a restart would find on disk.
+    fn durable_image(&self) -> Inner {
+        Inner {
+            volatile: self.durable.clone(),
+            durable: self.durable.clone(),
+            pending: Vec::new(),
+            incarnation: self.incarnation.clone(),
+        }
+    }
+}
+
+/// Storage in memory with a model of durability; see the [module docs](self).
+#[derive(Debug, Default)]
+pub struct MemoryStorage {
+    inner: Mutex<Inner>,
+}
+
+impl MemoryStorage {
+    /// An empty store.
+    pub fn new() -> MemoryStorage {
+        MemoryStorage::default()
+    }
+
+    /// Simulates a power cut and restart in place: everything not flushed is lost, and the
+    /// sequence number falls back to the durable one.
+    pub fn crash(&self) {
+        let mut inner = self.lock();
+        *inner = inner.durable_image();
+    }
+
+    /// A new store holding what this one would hold after a crash; this one is unchanged.
+    /// The simulator uses it to restart a node on a "disk" while the old instance is still
+    /// referenced by in-flight work that must not see the restarted state.
+    pub fn clone_durable(&self) -> MemoryStorage {
+        MemoryStorage {
+            inner: Mutex::new(self.lock().durable_image()),
+        }
+    }
+
+    /// The number of merges whose writes are not yet durable (for tests and simulation checks).
+    pub fn pending_writes(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    /// A poisoned lock means another thread panicked inside a call. Every call mutates the
+    /// state only after its last fallible step, so the state is still consistent: carry on
+    /// rather than turn one panic into a panic in every later caller.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Storage for MemoryStorage {
+    fn read(&self, keyspace: &str, key: &[u8]) -> Result<Option<KeyState>> {
+        let inner = self.lock();
+        let stored = inner
+            .volatile
+            .data
+            .get(keyspace)
+            .and_then(|space| space.get(&storage_key(keyspace, key)));
+        Ok(stored.map(|stored| stored.state.clone()))
+    }
+
+    fn merge(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        incoming: &KeyState,
+        aux: &[AuxWrite],
+    ) -> Result<Merged> {
+        let skey = storage_key(keyspace, key);
+        let mut inner = self.lock();
+        let current = inner
+            .volatile
+            .data
+            .get(keyspace)
+            .and_then(|space| space.get(&skey))
+            .cloned();
+
+        let (merged, data) = match &current {
+            Some(old) => {
+                let joined = Stored::new(old.state.join(incoming));
+                if joined.canonical == old.canonical {
+                    (Arc::clone(old), None)
+                } else {
+                    let joined = Arc::new(joined);
+                    (Arc::clone(&joined), Some(joined))
+                }
+            }
+            None => {
+                let stored = Arc::new(Stored::new(incoming.clone()));
+                (Arc::clone(&stored), Some(stored))
+            }
+        };
+        let changed = data.is_some();
+        if !changed && aux.is_empty() {
+            // Nothing to write, so nothing to lose in a crash: no pending entry.
+            return Ok(unchanged(&merged, inner.volatile.seq));
+        }
+
+        // Aux-only writes take a sequence number too: a caller waiting for durability of its
+        // hint must not be told "durable" by a flush that began before the hint was written.
+        let seq = WriteSeq(inner.volatile.seq.0 + 1);
+        let write = PendingWrite {
+            data: data.map(|stored| (keyspace.to_owned(), skey, stored)),
+            aux: aux.to_vec(),
+            seq,
+        };
+        inner.volatile.apply(&write);
+        inner.pending.push(write);
+        Ok(Merged {
+            state: merged.state.clone(),
+            changed,
+            seq,
+            old_hash: current.map(|old| old.hash),
+            new_hash: merged.hash,
+        })
+    }
+
+    fn flush(&self) -> Result<WriteSeq> {
+        Ok(self.lock().flush())
+    }
+
+    fn durable_seq(&self) -> WriteSeq {
+        self.lock().durable.seq
+    }
+
+    fn scan(&self, keyspace: &str, first: Token, last: Token) -> Result<Vec<StoredKey>> {
+        if first > last {
+            return Ok(Vec::new());
+        }
+        let inner = self.lock();
+        let Some(space) = inner.volatile.data.get(keyspace) else {
+            return Ok(Vec::new());
+        };
+        let (start, end) = scan_bounds(first, last);
+        let end = end.map_or(Bound::Unbounded, Bound::Excluded);
+        space
+            .range::<Vec<u8>, _>((Bound::Included(start), end))
+            .map(|(skey, stored)| {
+                let (token, key) = super::split_storage_key(skey).ok_or_else(|| {
+                    // Unreachable through `merge`, which only writes full storage keys; kept an
+                    // error so the two engines fail alike.
+                    Error::CorruptState {
+                        reason: format!(
+                            "keyspace {keyspace:?}: storage key {} is shorter than a token",
+                            super::key_for_display(skey)
+                        ),
+                    }
+                })?;
+                Ok(StoredKey {
+                    token,
+                    key: key.to_vec(),
+                    state: stored.state.clone(),
+                })
+            })
+            .collect()
+    }
+
+    fn aux(&self, table: AuxTable, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let inner = self.lock();
+        Ok(inner
+            .volatile
+            .aux
+            .get(&table)
+            .and_then(|records| records.get(key))
+            .cloned())
+    }
+
+    fn incarnation(&self) -> Result<Option<IncarnationRecord>> {
+        let inner = self.lock();
+        inner
+            .incarnation
+            .as_deref()
+            .map(|bytes| {
+                rmp_serde::from_slice(bytes).map_err(|e| Error::StorageCorrupt {
+                    operation: "read incarnation",
+                    reason: format!("incarnation record does not decode: {e}"),
+                })
+            })
+            .transpose()
+    }
+
+    fn set_incarnation(&self, record: &IncarnationRecord) -> Result<()> {
+        let bytes = rmp_serde::to_vec_named(record).map_err(|e| Error::Storage {
+            operation: "write incarnation",
+            reason: format!("incarnation record does not encode: {e}"),
+        })?;
+        let mut inner = self.lock();
+        inner.incarnation = Some(bytes);
+        // On disk the record is made durable by a flush of the whole engine, which takes every
+        // earlier write with it; model that, so the two engines lose the same things.
+        inner.flush();
+        Ok(())
+    }
+}
+
+fn unchanged(stored: &Stored, seq: WriteSeq) -> Merged {
+    Merged {
+        state: stored.state.clone(),
+        changed: false,
+        seq,
+        old_hash: Some(stored.hash),
+        new_hash: stored.hash,
+    }
+}

@@ -1,0 +1,24 @@
+//! Transports: how peer messages travel between nodes.
+//!
+//! The node core emits `Output::Send { to, message }` and consumes `Input::Peer { from, .. }`;
+//! a [`Transport`] carries the first to the second. Sending is fire-and-forget: the core never
+//! waits on the network. A message that cannot be delivered (no connection, handshake refused,
+//! connection lost) is reported back to the sender's core as `Input::Unreachable`, which feeds
+//! the failure detector and fails the requests waiting on that peer.
+//!
+//! Two implementations exist: [`quic`] (the real one: one quinn endpoint per node, mutual TLS,
+//! one unidirectional stream per message) and [`memory`] (tokio channels between nodes of one
+//! process, for in-process tests of the shell). The deterministic simulation bypasses both and
+//! moves messages itself.
+
+pub mod memory;
+pub mod quic;
+
+use crate::peer::PeerMessage;
+use quorumkv_ring::NodeId;
+
+/// Carries peer messages from this node to others.
+pub trait Transport: Send + Sync + 'static {
+    /// Queues `message` for `to`. Never blocks; failures come back as `Input::Unreachable`.
+    fn send(&self, to: &NodeId, message: PeerMessage);
+}
