@@ -87,7 +87,8 @@ impl LocalCluster {
 
     /// The text of `cluster.env`: `export` lines for a POSIX shell.
     pub fn env_file(&self) -> String {
-        let mut text = String::from("# Written by `quorumkv dev`: `source` this file to use the cluster.\n");
+        let mut text =
+            String::from("# Written by `quorumkv dev`: `source` this file to use the cluster.\n");
         for (name, value) in self.env() {
             text.push_str(&format!("export {name}='{value}'\n"));
         }
@@ -137,8 +138,14 @@ pub fn prepare(dir: &Path, count: usize, ports: &Ports, ranges: u32) -> Result<L
     let ids: Vec<NodeId> = (1..=count)
         .map(|i| NodeId::new(format!("n{i}")))
         .collect::<std::result::Result<_, _>>()
-        .map_err(|e| Error::Config { field: "nodes".into(), reason: e.to_string() })?;
-    let zone = Zone::new("local").map_err(|e| Error::Config { field: "zone".into(), reason: e.to_string() })?;
+        .map_err(|e| Error::Config {
+            field: "nodes".into(),
+            reason: e.to_string(),
+        })?;
+    let zone = Zone::new("local").map_err(|e| Error::Config {
+        field: "zone".into(),
+        reason: e.to_string(),
+    })?;
     let members: Vec<MemberConfig> = ids
         .iter()
         .zip(&pairs)
@@ -151,7 +158,9 @@ pub fn prepare(dir: &Path, count: usize, ports: &Ports, ranges: u32) -> Result<L
         .collect();
     let n = u8::try_from(count.min(3)).unwrap_or(3);
     let keyspaces: BTreeMap<String, KeyspaceConfig> =
-        [("default".to_string(), KeyspaceConfig { n })].into_iter().collect();
+        [("default".to_string(), KeyspaceConfig { n })]
+            .into_iter()
+            .collect();
     let mut nodes = Vec::new();
     for (id, (quic, admin)) in ids.iter().zip(&pairs) {
         let node_certs = certs::node_paths(&certs_dir, id);
@@ -185,9 +194,18 @@ pub fn prepare(dir: &Path, count: usize, ports: &Ports, ranges: u32) -> Result<L
         let config_path = node_dir.join("node.toml");
         let text = config.to_toml()?;
         std::fs::write(&config_path, text).map_err(|e| io_error(&config_path, e))?;
-        nodes.push(LocalNode { id: id.clone(), config_path, config });
+        nodes.push(LocalNode {
+            id: id.clone(),
+            config_path,
+            config,
+        });
     }
-    let cluster = LocalCluster { dir: dir.clone(), nodes, ca: ca.cert, client };
+    let cluster = LocalCluster {
+        dir: dir.clone(),
+        nodes,
+        ca: ca.cert,
+        client,
+    };
     let env_path = dir.join("cluster.env");
     std::fs::write(&env_path, cluster.env_file()).map_err(|e| io_error(&env_path, e))?;
     Ok(cluster)
@@ -261,7 +279,10 @@ pub struct DevArgs {
 /// prints how to use the cluster, and stops every node cleanly on Ctrl-C or SIGTERM.
 /// Returns the process exit code.
 pub async fn run(args: DevArgs) -> i32 {
-    let ports = Ports::Base { quic: args.base_port, admin: args.admin_base_port };
+    let ports = Ports::Base {
+        quic: args.base_port,
+        admin: args.admin_base_port,
+    };
     let cluster = match prepare(&args.dir, args.nodes, &ports, args.ranges) {
         Ok(cluster) => cluster,
         Err(e) => {
@@ -316,7 +337,10 @@ pub async fn run(args: DevArgs) -> i32 {
     for node in &cluster.nodes {
         loop {
             let admin = node.admin();
-            if tokio::task::spawn_blocking(move || is_ready(admin)).await.unwrap_or(false) {
+            if tokio::task::spawn_blocking(move || is_ready(admin))
+                .await
+                .unwrap_or(false)
+            {
                 break;
             }
             let exited = children
@@ -335,7 +359,7 @@ pub async fn run(args: DevArgs) -> i32 {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
-    print_banner(&cluster);
+    print_banner(&cluster, &exe);
     wait_for_signal().await;
     eprintln!("stopping {} nodes...", children.len());
     stop_all(&mut children).await;
@@ -343,8 +367,11 @@ pub async fn run(args: DevArgs) -> i32 {
     0
 }
 
-fn print_banner(cluster: &LocalCluster) {
-    println!("QuorumKV dev cluster of {} nodes is ready.", cluster.nodes.len());
+fn print_banner(cluster: &LocalCluster, exe: &Path) {
+    println!(
+        "QuorumKV dev cluster of {} nodes is ready.",
+        cluster.nodes.len()
+    );
     for node in &cluster.nodes {
         println!(
             "  {}  quic {}  admin http://{}  log {}",
@@ -357,11 +384,17 @@ fn print_banner(cluster: &LocalCluster) {
     println!();
     println!("In another shell:");
     println!("  source {}", cluster.dir.join("cluster.env").display());
-    println!("  quorumkv put greeting hello");
-    println!("  quorumkv get greeting --json");
-    println!("  curl -s http://{}/metrics | grep quorumkv_", cluster.nodes[0].admin());
+    println!("  {} put greeting hello", exe.display());
+    println!("  {} get greeting --json", exe.display());
+    println!(
+        "  curl -s http://{}/metrics | grep quorumkv_",
+        cluster.nodes[0].admin()
+    );
     println!();
-    println!("Press Ctrl-C to stop every node cleanly; run again with --dir {} to reuse the data.", cluster.dir.display());
+    println!(
+        "Press Ctrl-C to stop every node cleanly; run again with --dir {} to reuse the data.",
+        cluster.dir.display()
+    );
 }
 
 async fn wait_for_signal() {

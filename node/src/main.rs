@@ -132,11 +132,15 @@ fn main() -> ExitCode {
     init_tracing();
     // The client commands and `dev` choose their own exit codes (see their modules).
     let cli = match cli.command {
-        Command::Dev(args) => return exit(runtime().map(|rt| rt.block_on(quorumkv_node::dev::run(args)))),
+        Command::Dev(args) => {
+            return exit(runtime().map(|rt| rt.block_on(quorumkv_node::dev::run(args))))
+        }
         Command::Put { key, value, args } => {
             return exit(runtime().map(|rt| rt.block_on(run_put(&args, &key, &value))))
         }
-        Command::Get { key, args } => return exit(runtime().map(|rt| rt.block_on(run_get(&args, &key)))),
+        Command::Get { key, args } => {
+            return exit(runtime().map(|rt| rt.block_on(run_get(&args, &key))))
+        }
         Command::Delete { key, args } => {
             return exit(runtime().map(|rt| rt.block_on(run_delete(&args, &key))))
         }
@@ -163,7 +167,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 fn exit(code: std::io::Result<i32>) -> ExitCode {
@@ -181,7 +187,11 @@ fn run_start(config: &ConfigArgs) -> anyhow::Result<()> {
     tls::check_node_files(&config.tls, &config.node_id)?;
     let prometheus = install_metrics()?;
     let runtime = runtime().context("starting the async runtime")?;
-    runtime.block_on(quorumkv_node::server::run(config, Some(prometheus), shutdown_signal()))?;
+    runtime.block_on(quorumkv_node::server::run(
+        config,
+        Some(prometheus),
+        shutdown_signal(),
+    ))?;
     Ok(())
 }
 
@@ -338,6 +348,8 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal; node logs usually go to files and journald.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 

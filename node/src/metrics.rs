@@ -9,7 +9,9 @@
 //! Names follow Prometheus conventions: a `quorumkv_` prefix, `_total` for counters, base units
 //! (`_seconds`, `_bytes`).
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
 
 /// Client requests by operation (`get`, `put`, `delete`, `cluster_info`) and outcome.
 pub const REQUESTS_TOTAL: &str = "quorumkv_requests_total";
@@ -46,12 +48,30 @@ pub fn describe() {
         "Client request latency by operation."
     );
     describe_counter!(STORAGE_FLUSHES_TOTAL, "Storage flushes (fsyncs) performed.");
-    describe_counter!(LIMIT_EXCEEDED_TOTAL, "Requests refused for exceeding a limit, by limit.");
-    describe_counter!(BAD_FRAMES_TOTAL, "Malformed or oversized frames refused, by protocol.");
-    describe_counter!(PEER_REFUSED_TOTAL, "Peer connections refused at the handshake, by reason.");
-    describe_gauge!(PEER_UP, "1 if the failure detector believes the peer up, else 0.");
-    describe_counter!(PEER_TRANSITIONS_TOTAL, "Peer liveness changes, by direction.");
-    describe_gauge!(IN_FLIGHT_REQUESTS, "Requests being coordinated or forwarded by this node.");
+    describe_counter!(
+        LIMIT_EXCEEDED_TOTAL,
+        "Requests refused for exceeding a limit, by limit."
+    );
+    describe_counter!(
+        BAD_FRAMES_TOTAL,
+        "Malformed or oversized frames refused, by protocol."
+    );
+    describe_counter!(
+        PEER_REFUSED_TOTAL,
+        "Peer connections refused at the handshake, by reason."
+    );
+    describe_gauge!(
+        PEER_UP,
+        "1 if the failure detector believes the peer up, else 0."
+    );
+    describe_counter!(
+        PEER_TRANSITIONS_TOTAL,
+        "Peer liveness changes, by direction."
+    );
+    describe_gauge!(
+        IN_FLIGHT_REQUESTS,
+        "Requests being coordinated or forwarded by this node."
+    );
 }
 
 /// One finished client request.

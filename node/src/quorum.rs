@@ -46,7 +46,10 @@ enum State {
 
 impl State {
     fn applied(self) -> bool {
-        matches!(self, State::Applied | State::Durable | State::AppliedThenFailed)
+        matches!(
+            self,
+            State::Applied | State::Durable | State::AppliedThenFailed
+        )
     }
 }
 
@@ -84,7 +87,11 @@ impl Tally {
     ///
     /// The caller has validated `durable_required <= required <= replicas.len()`; if it has not,
     /// the tally is simply impossible to reach and fails at once.
-    pub fn new(replicas: impl IntoIterator<Item = NodeId>, required: u8, durable_required: u8) -> Tally {
+    pub fn new(
+        replicas: impl IntoIterator<Item = NodeId>,
+        required: u8,
+        durable_required: u8,
+    ) -> Tally {
         let replicas = replicas
             .into_iter()
             .map(|node| (node, State::Waiting))
@@ -175,7 +182,10 @@ mod tests {
     use ReplicaProgress::*;
 
     fn nodes() -> Vec<NodeId> {
-        ["a", "b", "c"].iter().map(|id| NodeId::new(*id).unwrap()).collect()
+        ["a", "b", "c"]
+            .iter()
+            .map(|id| NodeId::new(*id).unwrap())
+            .collect()
     }
 
     fn id(name: &str) -> NodeId {

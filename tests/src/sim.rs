@@ -62,9 +62,23 @@ impl Default for SimConfig {
 /// One client operation, as the workload asks for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClientOp {
-    Get { key: String, r: u8 },
-    Put { key: String, value: String, context: Option<Context>, w: u8, dw: u8 },
-    Delete { key: String, context: Option<Context>, w: u8, dw: u8 },
+    Get {
+        key: String,
+        r: u8,
+    },
+    Put {
+        key: String,
+        value: String,
+        context: Option<Context>,
+        w: u8,
+        dw: u8,
+    },
+    Delete {
+        key: String,
+        context: Option<Context>,
+        w: u8,
+        dw: u8,
+    },
 }
 
 /// A completed operation, for history checks.
@@ -79,10 +93,22 @@ pub struct Completed {
 
 #[derive(Debug)]
 enum Event {
-    Deliver { to: NodeId, input: Input },
-    Tick { node: NodeId },
-    FlushDone { node: NodeId, incarnation: u64 },
-    Client { client: usize, node: NodeId, op: ClientOp },
+    Deliver {
+        to: NodeId,
+        input: Input,
+    },
+    Tick {
+        node: NodeId,
+    },
+    FlushDone {
+        node: NodeId,
+        incarnation: u64,
+    },
+    Client {
+        client: usize,
+        node: NodeId,
+        op: ClientOp,
+    },
 }
 
 #[derive(Debug)]
@@ -108,6 +134,7 @@ pub struct Sim {
     in_flight: BTreeMap<(NodeId, ClientHandle), (usize, ClientOp)>,
     next_handle: u64,
     history: Vec<Completed>,
+    flushes: u64,
 }
 
 impl Sim {
@@ -124,7 +151,10 @@ impl Sim {
         let map = Arc::new(ClusterMap {
             ring,
             keyspaces: [("default".to_string(), config.n)].into_iter().collect(),
-            addresses: ids.iter().map(|id| (id.clone(), format!("{id}.sim:7401"))).collect(),
+            addresses: ids
+                .iter()
+                .map(|id| (id.clone(), format!("{id}.sim:7401")))
+                .collect(),
         });
         let mut sim = Sim {
             seed,
@@ -138,12 +168,18 @@ impl Sim {
             in_flight: BTreeMap::new(),
             next_handle: 1,
             history: Vec::new(),
+            flushes: 0,
         };
         for id in ids {
             let storage = Arc::new(MemoryStorage::new());
             sim.nodes.insert(
                 id.clone(),
-                SimNode { core: None, storage, incarnation: 0, next_tick_ms: None },
+                SimNode {
+                    core: None,
+                    storage,
+                    incarnation: 0,
+                    next_tick_ms: None,
+                },
             );
             sim.start_node(&id);
         }
@@ -163,6 +199,11 @@ impl Sim {
     /// Every completed operation so far.
     pub fn history(&self) -> &[Completed] {
         &self.history
+    }
+
+    /// Storage flushes performed so far, over all nodes.
+    pub fn flushes(&self) -> u64 {
+        self.flushes
     }
 
     /// The storage of `node`, to inspect what it holds.
@@ -237,7 +278,8 @@ impl Sim {
             while seen < self.history.len() {
                 let done = self.history[seen].clone();
                 seen += 1;
-                if let Some((node, op, think_ms)) = next_op(&mut self.rng, done.client, Some(&done)) {
+                if let Some((node, op, think_ms)) = next_op(&mut self.rng, done.client, Some(&done))
+                {
                     self.submit(done.client, node, op, think_ms);
                 }
             }
@@ -250,16 +292,26 @@ impl Sim {
     /// Operations submitted and not yet answered.
     pub fn pending_operations(&self) -> usize {
         self.in_flight.len()
-            + self.queue.values().filter(|e| matches!(e, Event::Client { .. })).count()
+            + self
+                .queue
+                .values()
+                .filter(|e| matches!(e, Event::Client { .. }))
+                .count()
     }
 
     fn start_node(&mut self, id: &NodeId) {
         let fresh: u64 = self.rng.random();
         let now = self.now();
         let sim_node = self.nodes.get_mut(id).expect("known node");
-        let previous = sim_node.storage.incarnation().expect("memory storage cannot fail");
+        let previous = sim_node
+            .storage
+            .incarnation()
+            .expect("memory storage cannot fail");
         let (clock, record) = on_start(previous, fresh);
-        sim_node.storage.set_incarnation(&record).expect("memory storage cannot fail");
+        sim_node
+            .storage
+            .set_incarnation(&record)
+            .expect("memory storage cannot fail");
         sim_node.incarnation += 1;
         sim_node.core = Some(NodeCore::new(
             id.clone(),
@@ -272,7 +324,10 @@ impl Sim {
     }
 
     fn now(&self) -> Now {
-        Now { monotonic_ms: self.now_ms, wall_ms: WALL_EPOCH_MS + self.now_ms }
+        Now {
+            monotonic_ms: self.now_ms,
+            wall_ms: WALL_EPOCH_MS + self.now_ms,
+        }
     }
 
     fn schedule(&mut self, at: u64, event: Event) {
@@ -281,13 +336,20 @@ impl Sim {
     }
 
     fn schedule_tick(&mut self, id: &NodeId) {
-        let Some(next) = self.nodes[id].core.as_ref().and_then(NodeCore::next_deadline_ms) else {
+        let Some(next) = self.nodes[id]
+            .core
+            .as_ref()
+            .and_then(NodeCore::next_deadline_ms)
+        else {
             return;
         };
         let next = next.max(self.now_ms);
         let sim_node = self.nodes.get_mut(id).expect("known node");
         // One pending tick per node is enough: a later tick re-reads the deadline.
-        if sim_node.next_tick_ms.is_some_and(|t| t <= next && t >= self.now_ms) {
+        if sim_node
+            .next_tick_ms
+            .is_some_and(|t| t <= next && t >= self.now_ms)
+        {
             return;
         }
         sim_node.next_tick_ms = Some(next);
@@ -298,7 +360,9 @@ impl Sim {
         match event {
             Event::Deliver { to, input } => self.feed(&to, input),
             Event::Tick { node } => {
-                let due = self.nodes[&node].next_tick_ms.is_some_and(|t| t <= self.now_ms);
+                let due = self.nodes[&node]
+                    .next_tick_ms
+                    .is_some_and(|t| t <= self.now_ms);
                 if due {
                     self.nodes.get_mut(&node).expect("known node").next_tick_ms = None;
                     self.feed(&node, Input::Tick);
@@ -309,7 +373,11 @@ impl Sim {
                 if sim_node.core.is_none() || sim_node.incarnation != incarnation {
                     return;
                 }
-                let through = sim_node.storage.flush().expect("memory storage cannot fail");
+                let through = sim_node
+                    .storage
+                    .flush()
+                    .expect("memory storage cannot fail");
+                self.flushes += 1;
                 self.feed(&node, Input::Flushed { through });
             }
             Event::Client { client, node, op } => {
@@ -344,22 +412,44 @@ impl Sim {
             ClientOp::Get { key, r } => Request::Get {
                 keyspace: "default".into(),
                 key: key.as_bytes().to_vec(),
-                options: ReadOptions { r: Some(*r), timeout_ms: None },
+                options: ReadOptions {
+                    r: Some(*r),
+                    timeout_ms: None,
+                },
             },
-            ClientOp::Put { key, value, context, w, dw } => Request::Put {
+            ClientOp::Put {
+                key,
+                value,
+                context,
+                w,
+                dw,
+            } => Request::Put {
                 keyspace: "default".into(),
                 key: key.as_bytes().to_vec(),
                 value: value.as_bytes().to_vec(),
                 context: context.clone(),
                 request_id: RequestId(request_id),
-                options: WriteOptions { w: Some(*w), dw: Some(*dw), timeout_ms: None },
+                options: WriteOptions {
+                    w: Some(*w),
+                    dw: Some(*dw),
+                    timeout_ms: None,
+                },
             },
-            ClientOp::Delete { key, context, w, dw } => Request::Delete {
+            ClientOp::Delete {
+                key,
+                context,
+                w,
+                dw,
+            } => Request::Delete {
                 keyspace: "default".into(),
                 key: key.as_bytes().to_vec(),
                 context: context.clone(),
                 request_id: RequestId(request_id),
-                options: WriteOptions { w: Some(*w), dw: Some(*dw), timeout_ms: None },
+                options: WriteOptions {
+                    w: Some(*w),
+                    dw: Some(*dw),
+                    timeout_ms: None,
+                },
             },
         }
     }
@@ -387,18 +477,35 @@ impl Sim {
                     }
                 }
                 Output::Send { to, message } => {
-                    let delay = self.rng.random_range(self.config.delay_ms.0..=self.config.delay_ms.1);
+                    let delay = self
+                        .rng
+                        .random_range(self.config.delay_ms.0..=self.config.delay_ms.1);
                     if !self.is_up(&to) {
                         let input = Input::Unreachable { node: to };
-                        self.schedule(self.now_ms + delay, Event::Deliver { to: id.clone(), input });
+                        self.schedule(
+                            self.now_ms + delay,
+                            Event::Deliver {
+                                to: id.clone(),
+                                input,
+                            },
+                        );
                     } else if !self.rng.random_bool(self.config.loss) {
-                        let input = Input::Peer { from: id.clone(), message };
+                        let input = Input::Peer {
+                            from: id.clone(),
+                            message,
+                        };
                         self.schedule(self.now_ms + delay, Event::Deliver { to, input });
                     }
                 }
                 Output::Flush => {
                     let at = self.now_ms + self.config.flush_delay_ms;
-                    self.schedule(at, Event::FlushDone { node: id.clone(), incarnation });
+                    self.schedule(
+                        at,
+                        Event::FlushDone {
+                            node: id.clone(),
+                            incarnation,
+                        },
+                    );
                 }
             }
         }

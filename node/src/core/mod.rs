@@ -23,8 +23,10 @@
 //!    merges it and answers `Applied`, then `Durable` once flushed if the request asked for
 //!    durability. Replicas the failure detector believes down count as failed at once.
 //! 4. A [`Tally`] counts the answers. The reply goes out as soon as W replicas applied and `dw`
-//!    of them are durable, or as soon as that became impossible, or at the deadline. A failed
-//!    write may still have been applied on some replicas, and the error says so.
+//!    of them are durable. Once that has become impossible (replicas failed or are known down)
+//!    the coordinator stops waiting for the dead and answers as soon as the live replicas have,
+//!    so the error's `acked` counts every acknowledgement made; the deadline bounds it all. A
+//!    failed write may still have been applied on some replicas, and the error says so.
 //!
 //! # Coordinating a get
 //!
@@ -50,7 +52,9 @@ use crate::metrics;
 use crate::peer::{OpId, PeerMessage};
 use crate::quorum::{ReplicaProgress, Shortfall, Tally, Verdict};
 use crate::storage::{Storage, WriteSeq};
-use crate::version_vector::{self, ActorClock, CausalContext, KeyState, RequestId as CoreRequestId};
+use crate::version_vector::{
+    self, ActorClock, CausalContext, KeyState, RequestId as CoreRequestId,
+};
 use detector::{FailureDetector, Liveness, Transition};
 use quorumkv_client::protocol::{
     ClusterInfo, ErrorKind, ErrorReply, KeyspaceInfo, NodeAddress, QuorumShortfall, ReadOptions,
@@ -139,7 +143,10 @@ pub struct ClientHandle(pub u64);
 #[derive(Clone, Debug)]
 pub enum Input {
     /// A client sent a request on stream `handle`.
-    Client { handle: ClientHandle, request: Request },
+    Client {
+        handle: ClientHandle,
+        request: Request,
+    },
     /// A peer sent a message. `from` comes from the peer's certificate, not the message.
     Peer { from: NodeId, message: PeerMessage },
     /// Storage is durable through `through`.
@@ -156,7 +163,10 @@ pub enum Input {
 #[derive(Clone, Debug)]
 pub enum Output {
     /// Answer the client on stream `handle`.
-    Reply { handle: ClientHandle, response: Response },
+    Reply {
+        handle: ClientHandle,
+        response: Response,
+    },
     /// Send a message to a peer.
     Send { to: NodeId, message: PeerMessage },
     /// Flush storage, then feed back [`Input::Flushed`] (or [`Input::FlushFailed`]).
@@ -168,7 +178,10 @@ pub enum Output {
 enum Origin {
     Client(ClientHandle),
     /// Forwarded by a peer that is not a replica of the key.
-    Peer { node: NodeId, op: OpId },
+    Peer {
+        node: NodeId,
+        op: OpId,
+    },
 }
 
 #[derive(Debug)]
@@ -242,7 +255,13 @@ pub struct NodeCore {
 impl NodeCore {
     /// A core for node `me`, issuing dots from `clock` (see [`version_vector`] for how the
     /// shell obtains it from the incarnation record).
-    pub fn new(me: NodeId, map: Arc<ClusterMap>, config: CoreConfig, clock: ActorClock, now: Now) -> NodeCore {
+    pub fn new(
+        me: NodeId,
+        map: Arc<ClusterMap>,
+        config: CoreConfig,
+        clock: ActorClock,
+        now: Now,
+    ) -> NodeCore {
         let peers = map.addresses.keys().filter(|node| **node != me).cloned();
         let detector = FailureDetector::new(
             peers,
@@ -319,7 +338,14 @@ impl NodeCore {
 
     // ----- requests --------------------------------------------------------------------------
 
-    fn on_request(&mut self, now: Now, origin: Origin, request: Request, storage: &dyn Storage, out: &mut Vec<Output>) {
+    fn on_request(
+        &mut self,
+        now: Now,
+        origin: Origin,
+        request: Request,
+        storage: &dyn Storage,
+        out: &mut Vec<Output>,
+    ) {
         if matches!(request, Request::ClusterInfo) {
             let response = Response::ClusterInfo(self.cluster_info());
             return self.answer(&origin, response, out);
@@ -335,9 +361,24 @@ impl NodeCore {
             return self.answer(&origin, error(ErrorKind::Overloaded, message), out);
         }
         let fields = match &request {
-            Request::Get { keyspace, key, options } => (keyspace, key, 0, options.timeout_ms),
-            Request::Put { keyspace, key, value, options, .. } => (keyspace, key, value.len(), options.timeout_ms),
-            Request::Delete { keyspace, key, options, .. } => (keyspace, key, 0, options.timeout_ms),
+            Request::Get {
+                keyspace,
+                key,
+                options,
+            } => (keyspace, key, 0, options.timeout_ms),
+            Request::Put {
+                keyspace,
+                key,
+                value,
+                options,
+                ..
+            } => (keyspace, key, value.len(), options.timeout_ms),
+            Request::Delete {
+                keyspace,
+                key,
+                options,
+                ..
+            } => (keyspace, key, 0, options.timeout_ms),
             Request::ClusterInfo => return,
         };
         let checked = match self.check(fields.0, fields.1, fields.2, fields.3) {
@@ -357,8 +398,22 @@ impl NodeCore {
         }
         let deadline_ms = now.monotonic_ms.saturating_add(checked.timeout_ms);
         let result = match &request {
-            Request::Get { options, .. } => self.coordinate_get(now, origin.clone(), &checked, options, deadline_ms, storage, out),
-            Request::Put { value, context, request_id, options, .. } => self.coordinate_write(
+            Request::Get { options, .. } => self.coordinate_get(
+                now,
+                origin.clone(),
+                &checked,
+                options,
+                deadline_ms,
+                storage,
+                out,
+            ),
+            Request::Put {
+                value,
+                context,
+                request_id,
+                options,
+                ..
+            } => self.coordinate_write(
                 now,
                 origin.clone(),
                 &checked,
@@ -370,7 +425,12 @@ impl NodeCore {
                 storage,
                 out,
             ),
-            Request::Delete { context, request_id, options, .. } => self.coordinate_write(
+            Request::Delete {
+                context,
+                request_id,
+                options,
+                ..
+            } => self.coordinate_write(
                 now,
                 origin.clone(),
                 &checked,
@@ -423,9 +483,17 @@ impl NodeCore {
             Some(0) => return Err(invalid("timeout_ms must be at least 1".to_string())),
             Some(ms) => u64::from(ms).min(REQUEST_TIMEOUT_MAX_MS),
         };
-        let preference_list = match self.map.ring.preference_list_for(keyspace, key, usize::from(n)) {
+        let preference_list = match self
+            .map
+            .ring
+            .preference_list_for(keyspace, key, usize::from(n))
+        {
             Ok(list) => list.ids().cloned().collect(),
-            Err(e) => return Err(internal(format!("keyspace `{keyspace}` cannot be placed: {e}"))),
+            Err(e) => {
+                return Err(internal(format!(
+                    "keyspace `{keyspace}` cannot be placed: {e}"
+                )))
+            }
         };
         Ok(Checked {
             keyspace,
@@ -436,7 +504,14 @@ impl NodeCore {
         })
     }
 
-    fn forward(&mut self, now: Now, client: ClientHandle, checked: &Checked<'_>, request: Request, out: &mut Vec<Output>) {
+    fn forward(
+        &mut self,
+        now: Now,
+        client: ClientHandle,
+        checked: &Checked<'_>,
+        request: Request,
+        out: &mut Vec<Output>,
+    ) {
         let mut candidates: Vec<NodeId> = checked
             .preference_list
             .iter()
@@ -449,17 +524,26 @@ impl NodeCore {
                 self.me,
                 join_ids(&checked.preference_list)
             );
-            return self.answer(&Origin::Client(client), error(ErrorKind::Unavailable, message), out);
+            return self.answer(
+                &Origin::Client(client),
+                error(ErrorKind::Unavailable, message),
+                out,
+            );
         }
         let to = candidates.remove(0);
         let op = self.new_op();
         out.push(Output::Send {
             to: to.clone(),
-            message: PeerMessage::Forward { op, request: request.clone() },
+            message: PeerMessage::Forward {
+                op,
+                request: request.clone(),
+            },
         });
         // The coordinator gets the request's own timeout; allow it that long plus one more to
         // answer, so its QuorumNotReached reaches the client rather than our Unavailable.
-        let deadline_ms = now.monotonic_ms.saturating_add(checked.timeout_ms.saturating_mul(2));
+        let deadline_ms = now
+            .monotonic_ms
+            .saturating_add(checked.timeout_ms.saturating_mul(2));
         self.ops.insert(
             op,
             Op::Forward(ForwardOp {
@@ -494,7 +578,13 @@ impl NodeCore {
             .unwrap_or_default();
         let dot = self.clock.next_dot(&state);
         let outcome = state
-            .update(&client_context, dot, CoreRequestId(request_id), now.wall_ms, value)
+            .update(
+                &client_context,
+                dot,
+                CoreRequestId(request_id),
+                now.wall_ms,
+                value,
+            )
             .map_err(|e| invalid(format!("the write cannot be applied: {e}")))?;
         let merged = storage
             .merge(checked.keyspace, checked.key, &state, &[])
@@ -508,10 +598,20 @@ impl NodeCore {
         let mut tally = Tally::new(checked.preference_list.iter().cloned(), w, dw);
         tally.record(&self.me, ReplicaProgress::Applied);
         if dw > 0 {
-            self.await_durable(merged.seq, DurableWaiter::Local(op), storage, &mut tally, out);
+            self.await_durable(
+                merged.seq,
+                DurableWaiter::Local(op),
+                storage,
+                &mut tally,
+                out,
+            );
         }
         let encoded = merged.state.encode_canonical();
-        for replica in checked.preference_list.iter().filter(|node| **node != self.me) {
+        for replica in checked
+            .preference_list
+            .iter()
+            .filter(|node| **node != self.me)
+        {
             if self.detector.is_up(replica) {
                 out.push(Output::Send {
                     to: replica.clone(),
@@ -559,7 +659,11 @@ impl NodeCore {
         let op = self.new_op();
         let mut tally = Tally::new(checked.preference_list.iter().cloned(), r, 0);
         tally.record(&self.me, ReplicaProgress::Applied);
-        for replica in checked.preference_list.iter().filter(|node| **node != self.me) {
+        for replica in checked
+            .preference_list
+            .iter()
+            .filter(|node| **node != self.me)
+        {
             if self.detector.is_up(replica) {
                 out.push(Output::Send {
                     to: replica.clone(),
@@ -588,7 +692,11 @@ impl NodeCore {
         Ok(())
     }
 
-    fn decode_context(&self, checked: &Checked<'_>, context: Option<&Context>) -> Result<CausalContext, ErrorReply> {
+    fn decode_context(
+        &self,
+        checked: &Checked<'_>,
+        context: Option<&Context>,
+    ) -> Result<CausalContext, ErrorReply> {
         match context {
             None => Ok(CausalContext::new()),
             Some(token) if token.is_empty() => Ok(CausalContext::new()),
@@ -609,7 +717,14 @@ impl NodeCore {
 
     // ----- peer messages ---------------------------------------------------------------------
 
-    fn on_peer(&mut self, now: Now, from: NodeId, message: PeerMessage, storage: &dyn Storage, out: &mut Vec<Output>) {
+    fn on_peer(
+        &mut self,
+        now: Now,
+        from: NodeId,
+        message: PeerMessage,
+        storage: &dyn Storage,
+        out: &mut Vec<Output>,
+    ) {
         match message {
             PeerMessage::Forward { op, request } => {
                 self.on_request(now, Origin::Peer { node: from, op }, request, storage, out)
@@ -619,15 +734,26 @@ impl NodeCore {
                     if forward.to == from {
                         let client = forward.client;
                         self.ops.remove(&op);
-                        out.push(Output::Reply { handle: client, response });
+                        out.push(Output::Reply {
+                            handle: client,
+                            response,
+                        });
                     }
                 }
             }
-            PeerMessage::Replicate { op, keyspace, key, state, durable } => {
-                self.on_replicate(from, op, &keyspace, &key, &state, durable, storage, out)
+            PeerMessage::Replicate {
+                op,
+                keyspace,
+                key,
+                state,
+                durable,
+            } => self.on_replicate(from, op, &keyspace, &key, &state, durable, storage, out),
+            PeerMessage::Applied { op } => {
+                self.on_progress(op, &from, ReplicaProgress::Applied, out)
             }
-            PeerMessage::Applied { op } => self.on_progress(op, &from, ReplicaProgress::Applied, out),
-            PeerMessage::Durable { op } => self.on_progress(op, &from, ReplicaProgress::Durable, out),
+            PeerMessage::Durable { op } => {
+                self.on_progress(op, &from, ReplicaProgress::Durable, out)
+            }
             PeerMessage::Failed { op, reason } => {
                 tracing::warn!(peer = %from, %reason, "replica failed an operation");
                 self.on_progress(op, &from, ReplicaProgress::Failed, out)
@@ -638,11 +764,16 @@ impl NodeCore {
                         op,
                         state: state.map(|s| s.encode_canonical()),
                     },
-                    Err(e) => PeerMessage::Failed { op, reason: e.to_string() },
+                    Err(e) => PeerMessage::Failed {
+                        op,
+                        reason: e.to_string(),
+                    },
                 };
                 out.push(Output::Send { to: from, message });
             }
-            PeerMessage::ReadReply { op, state } => self.on_read_reply(op, &from, state.as_deref(), out),
+            PeerMessage::ReadReply { op, state } => {
+                self.on_read_reply(op, &from, state.as_deref(), out)
+            }
             PeerMessage::Ping { nonce } => out.push(Output::Send {
                 to: from,
                 message: PeerMessage::Pong { nonce },
@@ -666,11 +797,18 @@ impl NodeCore {
         let result = if !self.map.keyspaces.contains_key(keyspace) {
             Err(format!("unknown keyspace `{keyspace}`"))
         } else if key.is_empty() || key.len() > self.config.key_bytes_max {
-            Err(format!("key of {} bytes is outside 1..=key_bytes_max", key.len()))
+            Err(format!(
+                "key of {} bytes is outside 1..=key_bytes_max",
+                key.len()
+            ))
         } else {
             KeyState::decode(state)
                 .map_err(|e| e.to_string())
-                .and_then(|incoming| storage.merge(keyspace, key, &incoming, &[]).map_err(|e| e.to_string()))
+                .and_then(|incoming| {
+                    storage
+                        .merge(keyspace, key, &incoming, &[])
+                        .map_err(|e| e.to_string())
+                })
         };
         match result {
             Ok(merged) => {
@@ -680,7 +818,10 @@ impl NodeCore {
                 });
                 if durable {
                     if merged.seq <= storage.durable_seq() {
-                        out.push(Output::Send { to: from, message: PeerMessage::Durable { op } });
+                        out.push(Output::Send {
+                            to: from,
+                            message: PeerMessage::Durable { op },
+                        });
                     } else {
                         self.durable_waiters
                             .entry(merged.seq)
@@ -692,12 +833,21 @@ impl NodeCore {
             }
             Err(reason) => {
                 tracing::warn!(peer = %from, %reason, "refused a replica write");
-                out.push(Output::Send { to: from, message: PeerMessage::Failed { op, reason } });
+                out.push(Output::Send {
+                    to: from,
+                    message: PeerMessage::Failed { op, reason },
+                });
             }
         }
     }
 
-    fn on_read_reply(&mut self, op: OpId, from: &NodeId, state: Option<&[u8]>, out: &mut Vec<Output>) {
+    fn on_read_reply(
+        &mut self,
+        op: OpId,
+        from: &NodeId,
+        state: Option<&[u8]>,
+        out: &mut Vec<Output>,
+    ) {
         let Some(Op::Read(read)) = self.ops.get_mut(&op) else {
             return;
         };
@@ -715,7 +865,13 @@ impl NodeCore {
         self.on_progress(op, from, progress, out);
     }
 
-    fn on_progress(&mut self, op: OpId, from: &NodeId, progress: ReplicaProgress, out: &mut Vec<Output>) {
+    fn on_progress(
+        &mut self,
+        op: OpId,
+        from: &NodeId,
+        progress: ReplicaProgress,
+        out: &mut Vec<Output>,
+    ) {
         match self.ops.get_mut(&op) {
             Some(Op::Write(write)) => {
                 write.tally.record(from, progress);
@@ -723,7 +879,9 @@ impl NodeCore {
             Some(Op::Read(read)) => {
                 read.tally.record(from, progress);
             }
-            Some(Op::Forward(forward)) if progress == ReplicaProgress::Failed && forward.to == *from => {
+            Some(Op::Forward(forward))
+                if progress == ReplicaProgress::Failed && forward.to == *from =>
+            {
                 return self.retry_forward(op, out);
             }
             _ => return,
@@ -733,7 +891,14 @@ impl NodeCore {
 
     // ----- durability ------------------------------------------------------------------------
 
-    fn await_durable(&mut self, seq: WriteSeq, waiter: DurableWaiter, storage: &dyn Storage, tally: &mut Tally, out: &mut Vec<Output>) {
+    fn await_durable(
+        &mut self,
+        seq: WriteSeq,
+        waiter: DurableWaiter,
+        storage: &dyn Storage,
+        tally: &mut Tally,
+        out: &mut Vec<Output>,
+    ) {
         if seq <= storage.durable_seq() {
             tally.record(&self.me, ReplicaProgress::Durable);
         } else {
@@ -751,7 +916,9 @@ impl NodeCore {
 
     fn on_flushed(&mut self, through: WriteSeq, out: &mut Vec<Output>) {
         self.flush_in_flight = false;
-        let still_waiting = self.durable_waiters.split_off(&WriteSeq(through.0.saturating_add(1)));
+        let still_waiting = self
+            .durable_waiters
+            .split_off(&WriteSeq(through.0.saturating_add(1)));
         let done = std::mem::replace(&mut self.durable_waiters, still_waiting);
         for waiter in done.into_values().flatten() {
             match waiter {
@@ -773,7 +940,10 @@ impl NodeCore {
     fn on_flush_failed(&mut self, reason: &str, out: &mut Vec<Output>) {
         tracing::error!(%reason, "storage flush failed; durable writes waiting for it fail");
         self.flush_in_flight = false;
-        for waiter in std::mem::take(&mut self.durable_waiters).into_values().flatten() {
+        for waiter in std::mem::take(&mut self.durable_waiters)
+            .into_values()
+            .flatten()
+        {
             match waiter {
                 DurableWaiter::Local(op) => {
                     let me = self.me.clone();
@@ -795,7 +965,10 @@ impl NodeCore {
     fn on_tick(&mut self, now: Now, out: &mut Vec<Output>) {
         let (pings, transitions) = self.detector.tick(now.monotonic_ms);
         for (to, nonce) in pings {
-            out.push(Output::Send { to, message: PeerMessage::Ping { nonce } });
+            out.push(Output::Send {
+                to,
+                message: PeerMessage::Ping { nonce },
+            });
         }
         for transition in transitions {
             log_transition(&transition);
@@ -843,7 +1016,10 @@ impl NodeCore {
                 forward.to = next.clone();
                 out.push(Output::Send {
                     to: next,
-                    message: PeerMessage::Forward { op, request: forward.request.clone() },
+                    message: PeerMessage::Forward {
+                        op,
+                        request: forward.request.clone(),
+                    },
                 });
                 return;
             }
@@ -851,7 +1027,10 @@ impl NodeCore {
         let client = forward.client;
         self.ops.remove(&op);
         let message = "no replica of this key answered the forwarded request".to_string();
-        out.push(Output::Reply { handle: client, response: error(ErrorKind::Unavailable, message) });
+        out.push(Output::Reply {
+            handle: client,
+            response: error(ErrorKind::Unavailable, message),
+        });
     }
 
     fn expire(&mut self, op: OpId, out: &mut Vec<Output>) {
@@ -866,7 +1045,10 @@ impl NodeCore {
             }
             Some(Op::Forward(forward)) => {
                 let message = format!("coordinator {} did not answer in time", forward.to);
-                out.push(Output::Reply { handle: forward.client, response: error(ErrorKind::Unavailable, message) });
+                out.push(Output::Reply {
+                    handle: forward.client,
+                    response: error(ErrorKind::Unavailable, message),
+                });
             }
             None => {}
         }
@@ -879,13 +1061,23 @@ impl NodeCore {
             Some(Op::Read(read)) => read.tally.verdict(),
             _ => return,
         };
-        if verdict == Verdict::Pending {
+        // A failed request still waits for the replicas that have not answered (never past its
+        // deadline, and never for replicas known down), so its error reports every
+        // acknowledgement that was actually made rather than whichever arrived first.
+        let quiet = match self.ops.get(&op) {
+            Some(Op::Write(write)) => write.tally.waiting().next().is_none(),
+            Some(Op::Read(read)) => read.tally.waiting().next().is_none(),
+            _ => true,
+        };
+        if verdict == Verdict::Pending || (verdict == Verdict::Failed && !quiet) {
             return;
         }
         match self.ops.remove(&op) {
             Some(Op::Write(write)) => {
                 let response = match verdict {
-                    Verdict::Reached => Response::Written { context: write.reply_context },
+                    Verdict::Reached => Response::Written {
+                        context: write.reply_context,
+                    },
                     _ => quorum_not_reached("write", write.tally.shortfall()),
                 };
                 self.answer(&write.origin, response, out);
@@ -902,8 +1094,15 @@ impl NodeCore {
                                 timestamp_ms: sibling.timestamp_ms,
                             })
                             .collect();
-                        let token = version_vector::encode_token(read.merged.context(), &read.keyspace, &read.key);
-                        Response::Got { siblings, context: Context::from_bytes(token) }
+                        let token = version_vector::encode_token(
+                            read.merged.context(),
+                            &read.keyspace,
+                            &read.key,
+                        );
+                        Response::Got {
+                            siblings,
+                            context: Context::from_bytes(token),
+                        }
                     }
                     _ => quorum_not_reached("read", read.tally.shortfall()),
                 };
@@ -915,7 +1114,10 @@ impl NodeCore {
 
     fn answer(&self, origin: &Origin, response: Response, out: &mut Vec<Output>) {
         match origin {
-            Origin::Client(handle) => out.push(Output::Reply { handle: *handle, response }),
+            Origin::Client(handle) => out.push(Output::Reply {
+                handle: *handle,
+                response,
+            }),
             Origin::Peer { node, op } => out.push(Output::Send {
                 to: node.clone(),
                 message: PeerMessage::ForwardReply { op: *op, response },
@@ -936,13 +1138,19 @@ impl NodeCore {
                 .map
                 .addresses
                 .iter()
-                .map(|(id, address)| NodeAddress { id: id.to_string(), address: address.clone() })
+                .map(|(id, address)| NodeAddress {
+                    id: id.to_string(),
+                    address: address.clone(),
+                })
                 .collect(),
             keyspaces: self
                 .map
                 .keyspaces
                 .iter()
-                .map(|(name, n)| KeyspaceInfo { name: name.clone(), n: *n })
+                .map(|(name, n)| KeyspaceInfo {
+                    name: name.clone(),
+                    n: *n,
+                })
                 .collect(),
         }
     }
@@ -956,7 +1164,9 @@ pub fn majority(n: u8) -> u8 {
 fn write_quorum(n: u8, options: &WriteOptions) -> Result<(u8, u8), ErrorReply> {
     let w = options.w.unwrap_or_else(|| majority(n));
     if w == 0 || w > n {
-        return Err(invalid(format!("w = {w} is outside 1..={n} (the keyspace's N)")));
+        return Err(invalid(format!(
+            "w = {w} is outside 1..={n} (the keyspace's N)"
+        )));
     }
     let dw = options.dw.unwrap_or(1);
     if dw > w {
@@ -968,7 +1178,9 @@ fn write_quorum(n: u8, options: &WriteOptions) -> Result<(u8, u8), ErrorReply> {
 fn read_quorum(n: u8, options: &ReadOptions) -> Result<u8, ErrorReply> {
     let r = options.r.unwrap_or_else(|| majority(n));
     if r == 0 || r > n {
-        return Err(invalid(format!("r = {r} is outside 1..={n} (the keyspace's N)")));
+        return Err(invalid(format!(
+            "r = {r} is outside 1..={n} (the keyspace's N)"
+        )));
     }
     Ok(r)
 }
@@ -1003,20 +1215,35 @@ fn quorum_not_reached(what: &str, shortfall: Shortfall) -> Response {
 }
 
 fn error(kind: ErrorKind, message: String) -> Response {
-    Response::Error(ErrorReply { kind, message, quorum: None })
+    Response::Error(ErrorReply {
+        kind,
+        message,
+        quorum: None,
+    })
 }
 
 fn invalid(message: String) -> ErrorReply {
-    ErrorReply { kind: ErrorKind::InvalidRequest, message, quorum: None }
+    ErrorReply {
+        kind: ErrorKind::InvalidRequest,
+        message,
+        quorum: None,
+    }
 }
 
 fn internal(message: String) -> ErrorReply {
     tracing::error!(%message, "internal error serving a request");
-    ErrorReply { kind: ErrorKind::Internal, message, quorum: None }
+    ErrorReply {
+        kind: ErrorKind::Internal,
+        message,
+        quorum: None,
+    }
 }
 
 fn join_ids(ids: &[NodeId]) -> String {
-    ids.iter().map(|id| id.to_string()).collect::<Vec<_>>().join(", ")
+    ids.iter()
+        .map(|id| id.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn log_transition(transition: &Transition) {

@@ -39,17 +39,23 @@ impl AdminServer {
 }
 
 /// Binds `address` and serves the admin endpoints in the background.
-pub async fn serve(address: SocketAddr, ready: Arc<AtomicBool>, prometheus: Option<PrometheusHandle>) -> Result<AdminServer> {
+pub async fn serve(
+    address: SocketAddr,
+    ready: Arc<AtomicBool>,
+    prometheus: Option<PrometheusHandle>,
+) -> Result<AdminServer> {
     let state = AdminState { ready, prometheus };
     let router = Router::new()
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(ready_handler))
         .route("/metrics", get(metrics_handler))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| Error::Config {
-        field: "admin_listen".into(),
-        reason: format!("cannot bind {address}: {e}"),
-    })?;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| Error::Config {
+            field: "admin_listen".into(),
+            reason: format!("cannot bind {address}: {e}"),
+        })?;
     let local_addr = listener.local_addr().map_err(|e| Error::Config {
         field: "admin_listen".into(),
         reason: e.to_string(),

@@ -64,7 +64,9 @@ fn stopping() -> Response {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Nothing in this module panics while holding the lock; recover rather than cascade.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A running core: its handle, and the task that returns the core when it stops (the caller
@@ -92,7 +94,12 @@ pub fn spawn(
     let (inbox_tx, inbox_rx) = inbox;
     let pending: Pending = Arc::default();
     let flush_wanted = Arc::new(Notify::new());
-    tokio::spawn(flusher(storage.clone(), flush_wanted.clone(), inbox_tx.clone(), stop.clone()));
+    tokio::spawn(flusher(
+        storage.clone(),
+        flush_wanted.clone(),
+        inbox_tx.clone(),
+        stop.clone(),
+    ));
     let task = tokio::spawn(run(
         core,
         storage,
@@ -185,8 +192,12 @@ async fn flusher(
         metrics::storage_flush();
         let input = match result {
             Ok(Ok(through)) => Input::Flushed { through },
-            Ok(Err(e)) => Input::FlushFailed { reason: e.to_string() },
-            Err(e) => Input::FlushFailed { reason: format!("flush task failed: {e}") },
+            Ok(Err(e)) => Input::FlushFailed {
+                reason: e.to_string(),
+            },
+            Err(e) => Input::FlushFailed {
+                reason: format!("flush task failed: {e}"),
+            },
         };
         if inbox.send(input).is_err() {
             return;

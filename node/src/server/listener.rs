@@ -57,7 +57,9 @@ pub async fn accept(endpoint: quinn::Endpoint, config: ListenerConfig, core: Cor
                 Ok(connection) => serve_connection(connection, config, core).await,
                 // Handshake failures (no or foreign certificate) end here; rustls has already
                 // sent the TLS alert that tells the client why.
-                Err(e) => tracing::info!(error = %e, "incoming connection refused during handshake"),
+                Err(e) => {
+                    tracing::info!(error = %e, "incoming connection refused during handshake")
+                }
             }
         });
     }
@@ -87,7 +89,10 @@ async fn serve_connection(connection: quinn::Connection, config: ListenerConfig,
                 connection.close(close_code::NOT_A_NODE.into(), reason.as_bytes());
             }
         },
-        _ => connection.close(close_code::UNKNOWN_PROTOCOL.into(), b"unknown ALPN protocol"),
+        _ => connection.close(
+            close_code::UNKNOWN_PROTOCOL.into(),
+            b"unknown ALPN protocol",
+        ),
     }
 }
 
@@ -101,14 +106,23 @@ async fn serve_client(connection: quinn::Connection, config: ListenerConfig, cor
     }
 }
 
-async fn serve_client_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, core: CoreHandle, max: u32) {
+async fn serve_client_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    core: CoreHandle,
+    max: u32,
+) {
     let started = Instant::now();
     let response = match read_frame(&mut recv, max).await {
         Ok(body) => match decode_body::<Request>(&body) {
             Ok(request) => {
                 let operation = operation(&request);
                 let response = core.request(request).await;
-                metrics::request(operation, outcome(&response), started.elapsed().as_secs_f64());
+                metrics::request(
+                    operation,
+                    outcome(&response),
+                    started.elapsed().as_secs_f64(),
+                );
                 response
             }
             Err(e) => bad_frame(format!("malformed request: {e}")),
@@ -125,7 +139,10 @@ async fn serve_client_stream(mut send: quinn::SendStream, mut recv: quinn::RecvS
     };
     let frame = match encode_frame(&response, max) {
         Ok(frame) => frame,
-        Err(e) => match encode_frame(&bad_frame(format!("response could not be encoded: {e}")), max) {
+        Err(e) => match encode_frame(
+            &bad_frame(format!("response could not be encoded: {e}")),
+            max,
+        ) {
             Ok(frame) => frame,
             Err(_) => return,
         },
@@ -171,7 +188,12 @@ fn outcome(response: &Response) -> &'static str {
 
 // ----- peer protocol -------------------------------------------------------------------------
 
-async fn serve_peer(connection: quinn::Connection, node: NodeId, config: ListenerConfig, core: CoreHandle) {
+async fn serve_peer(
+    connection: quinn::Connection,
+    node: NodeId,
+    config: ListenerConfig,
+    core: CoreHandle,
+) {
     if let Err((code, reason)) = check_hello(&connection, &node, &config).await {
         tracing::error!(peer = %node, %reason, "peer refused");
         connection.close(code.into(), reason.as_bytes());
@@ -184,11 +206,16 @@ async fn serve_peer(connection: quinn::Connection, node: NodeId, config: Listene
         let node = node.clone();
         let max = config.frame_bytes_max;
         tokio::spawn(async move {
-            match read_frame(&mut recv, max).await.map_err(|e| e.to_string()).and_then(|body| {
-                decode_body::<PeerMessage>(&body).map_err(|e| e.to_string())
-            }) {
+            match read_frame(&mut recv, max)
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|body| decode_body::<PeerMessage>(&body).map_err(|e| e.to_string()))
+            {
                 Ok(message) => {
-                    let _ = inbox.send(Input::Peer { from: node, message });
+                    let _ = inbox.send(Input::Peer {
+                        from: node,
+                        message,
+                    });
                 }
                 Err(reason) => {
                     metrics::bad_frame("peer");
@@ -199,10 +226,16 @@ async fn serve_peer(connection: quinn::Connection, node: NodeId, config: Listene
     }
 }
 
-async fn check_hello(connection: &quinn::Connection, node: &NodeId, config: &ListenerConfig) -> Result<(), (u32, String)> {
+async fn check_hello(
+    connection: &quinn::Connection,
+    node: &NodeId,
+    config: &ListenerConfig,
+) -> Result<(), (u32, String)> {
     let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
         let mut recv = connection.accept_uni().await.map_err(|e| e.to_string())?;
-        let body = read_frame(&mut recv, config.frame_bytes_max).await.map_err(|e| e.to_string())?;
+        let body = read_frame(&mut recv, config.frame_bytes_max)
+            .await
+            .map_err(|e| e.to_string())?;
         decode_body::<Hello>(&body).map_err(|e| e.to_string())
     })
     .await
@@ -210,13 +243,19 @@ async fn check_hello(connection: &quinn::Connection, node: &NodeId, config: &Lis
     .and_then(|hello| hello)
     .map_err(|reason| {
         metrics::peer_refused("bad_hello");
-        (close_code::BAD_HELLO, format!("bad hello from {node}: {reason}"))
+        (
+            close_code::BAD_HELLO,
+            format!("bad hello from {node}: {reason}"),
+        )
     })?;
     if hello.node != node.as_str() {
         metrics::peer_refused("claimed_id_mismatch");
         return Err((
             close_code::BAD_HELLO,
-            format!("peer claims to be node {} but its certificate is node {node}", hello.node),
+            format!(
+                "peer claims to be node {} but its certificate is node {node}",
+                hello.node
+            ),
         ));
     }
     if hello.fingerprint != config.fingerprint {
@@ -255,9 +294,13 @@ impl std::fmt::Display for ReadError {
 /// Reads one frame body, checking the header before allocating for the body.
 async fn read_frame(recv: &mut quinn::RecvStream, max: u32) -> Result<Vec<u8>, ReadError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
-    recv.read_exact(&mut header).await.map_err(|e| ReadError::Stream(e.to_string()))?;
+    recv.read_exact(&mut header)
+        .await
+        .map_err(|e| ReadError::Stream(e.to_string()))?;
     let len = decode_header(header, max).map_err(ReadError::Frame)?;
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| ReadError::Stream(e.to_string()))?;
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| ReadError::Stream(e.to_string()))?;
     Ok(body)
 }

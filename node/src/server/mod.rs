@@ -37,20 +37,38 @@ use tokio::time::Instant;
 
 /// Builds the cluster map every member must agree on from the static configuration.
 pub fn cluster_map(config: &Config) -> NodeResult<ClusterMap> {
-    let ring_config = RingConfig::new(config.ranges, config.replication_max)
-        .map_err(|e| Error::Config { field: "ranges".into(), reason: e.to_string() })?;
+    let ring_config =
+        RingConfig::new(config.ranges, config.replication_max).map_err(|e| Error::Config {
+            field: "ranges".into(),
+            reason: e.to_string(),
+        })?;
     let mut members = Vec::new();
     let mut addresses = std::collections::BTreeMap::new();
     for member in &config.members {
-        let node = Node::new(member.id.clone(), member.zone.clone(), member.capacity)
-            .map_err(|e| Error::Config { field: "members".into(), reason: e.to_string() })?;
+        let node =
+            Node::new(member.id.clone(), member.zone.clone(), member.capacity).map_err(|e| {
+                Error::Config {
+                    field: "members".into(),
+                    reason: e.to_string(),
+                }
+            })?;
         members.push(node);
         addresses.insert(member.id.clone(), member.address.clone());
     }
-    let ring = Ring::build(ring_config, members)
-        .map_err(|e| Error::Config { field: "members".into(), reason: e.to_string() })?;
-    let keyspaces = config.keyspaces.iter().map(|(name, ks)| (name.clone(), ks.n)).collect();
-    Ok(ClusterMap { ring, keyspaces, addresses })
+    let ring = Ring::build(ring_config, members).map_err(|e| Error::Config {
+        field: "members".into(),
+        reason: e.to_string(),
+    })?;
+    let keyspaces = config
+        .keyspaces
+        .iter()
+        .map(|(name, ks)| (name.clone(), ks.n))
+        .collect();
+    Ok(ClusterMap {
+        ring,
+        keyspaces,
+        addresses,
+    })
 }
 
 /// The core's knobs, taken from the node configuration.
@@ -77,20 +95,29 @@ pub async fn run(
     let fingerprint = map.fingerprint();
 
     let data_dir = config.data_dir.clone();
-    let storage = tokio::task::spawn_blocking(move || SledStorage::open(&data_dir, SledOptions::default()))
-        .await
-        .map_err(|e| Error::Storage { operation: "open", reason: e.to_string() })??;
+    let storage =
+        tokio::task::spawn_blocking(move || SledStorage::open(&data_dir, SledOptions::default()))
+            .await
+            .map_err(|e| Error::Storage {
+                operation: "open",
+                reason: e.to_string(),
+            })??;
     let storage: Arc<dyn Storage> = Arc::new(storage);
     let previous = storage.incarnation()?;
-    let clean = previous.as_ref().is_some_and(|record| record.clean_shutdown);
+    let clean = previous
+        .as_ref()
+        .is_some_and(|record| record.clean_shutdown);
     let (clock, record) = on_start(previous, rand::random());
     storage.set_incarnation(&record)?;
     tracing::info!(node = %me, actor = %record.actor, reused = clean, "incarnation settled");
 
     let server_crypto = tls::server_crypto(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)?;
     let server_config = tls::quic_server_config(server_crypto, &config.limits)?;
-    let endpoint = quinn::Endpoint::server(server_config, config.listen)
-        .map_err(|e| Error::Config { field: "listen".into(), reason: format!("cannot bind {}: {e}", config.listen) })?;
+    let endpoint =
+        quinn::Endpoint::server(server_config, config.listen).map_err(|e| Error::Config {
+            field: "listen".into(),
+            reason: format!("cannot bind {}: {e}", config.listen),
+        })?;
     let peer_client = tls::quic_client_config(
         tls::peer_client_crypto(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)?,
         &config.limits,
@@ -103,7 +130,10 @@ pub async fn run(
         .addresses
         .iter()
         .filter(|(id, _)| **id != me)
-        .map(|(id, address)| PeerRoute { id: id.clone(), address: address.clone() })
+        .map(|(id, address)| PeerRoute {
+            id: id.clone(),
+            address: address.clone(),
+        })
         .collect();
     let transport = QuicTransport::start(
         endpoint.clone(),
@@ -117,8 +147,21 @@ pub async fn run(
         peers,
         inbox.0.clone(),
     );
-    let core = NodeCore::new(me.clone(), map.clone(), core_config(&config), clock, core_task::now(clock_origin));
-    let running = core_task::spawn(core, storage.clone(), Arc::new(transport), inbox, clock_origin, stop_rx.clone());
+    let core = NodeCore::new(
+        me.clone(),
+        map.clone(),
+        core_config(&config),
+        clock,
+        core_task::now(clock_origin),
+    );
+    let running = core_task::spawn(
+        core,
+        storage.clone(),
+        Arc::new(transport),
+        inbox,
+        clock_origin,
+        stop_rx.clone(),
+    );
 
     let ready = Arc::new(AtomicBool::new(false));
     let admin = admin::serve(config.admin_listen, ready.clone(), prometheus).await?;
@@ -140,14 +183,17 @@ pub async fn run(
     endpoint.close(quinn::VarInt::from_u32(0), b"node shutting down");
     listener.abort();
     let _ = stop_tx.send(true);
-    let core = running
-        .task
-        .await
-        .map_err(|e| Error::Storage { operation: "stop core", reason: e.to_string() })?;
+    let core = running.task.await.map_err(|e| Error::Storage {
+        operation: "stop core",
+        reason: e.to_string(),
+    })?;
     let storage_for_flush = storage.clone();
     tokio::task::spawn_blocking(move || storage_for_flush.flush())
         .await
-        .map_err(|e| Error::Storage { operation: "flush", reason: e.to_string() })??;
+        .map_err(|e| Error::Storage {
+            operation: "flush",
+            reason: e.to_string(),
+        })??;
     storage.set_incarnation(&on_clean_shutdown(core.clock()))?;
     endpoint.wait_idle().await;
     admin.stop();

@@ -766,7 +766,6 @@ fn memory_incarnation_is_durable_at_once_and_takes_earlier_writes_with_it() {
         .unwrap();
     let record = IncarnationRecord {
         actor: Actor(42),
-        next_counter: 7,
         clean_shutdown: false,
     };
     storage.set_incarnation(&record).unwrap();
@@ -933,7 +932,6 @@ fn sled_incarnation_and_data_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let record = IncarnationRecord {
         actor: Actor(0xfeed),
-        next_counter: 12,
         clean_shutdown: true,
     };
     {

@@ -60,7 +60,9 @@ impl MemoryNetwork {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding this lock can only come from a bug in this file; the data
         // (a map of channels) stays consistent, so recover the guard instead of poisoning tests.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

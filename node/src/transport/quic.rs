@@ -122,7 +122,8 @@ impl PeerSender {
     }
 
     async fn deliver(&mut self, message: &PeerMessage) -> Result<(), String> {
-        let frame = encode_frame(message, self.config.frame_bytes_max).map_err(|e| e.to_string())?;
+        let frame =
+            encode_frame(message, self.config.frame_bytes_max).map_err(|e| e.to_string())?;
         let connection = self.connection().await?;
         let result = write_stream(&connection, &frame).await;
         if result.is_err() {

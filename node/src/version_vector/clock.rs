@@ -42,12 +42,6 @@ impl ActorClock {
 pub struct IncarnationRecord {
     /// The actor of the incarnation that wrote the record.
     pub actor: Actor,
-    /// Unused and ignored: counters are per key now (see the module documentation). This
-    /// module always writes 0 and never reads it. It is kept only because code outside the
-    /// module still names it (`node/src/storage/tests.rs`); delete it together with those
-    /// mentions. Old records that carry a value decode as before.
-    #[serde(default)]
-    pub next_counter: u64,
     /// True only when written by [`on_clean_shutdown`], after the final flush.
     pub clean_shutdown: bool,
 }
@@ -81,7 +75,6 @@ pub fn on_start(
 pub fn on_clean_shutdown(clock: &ActorClock) -> IncarnationRecord {
     IncarnationRecord {
         actor: clock.actor,
-        next_counter: 0,
         clean_shutdown: true,
     }
 }
@@ -115,7 +108,6 @@ fn other_than(old: Actor, fresh: u64) -> Actor {
 fn unclean_record(clock: &ActorClock) -> IncarnationRecord {
     IncarnationRecord {
         actor: clock.actor,
-        next_counter: 0,
         clean_shutdown: false,
     }
 }
@@ -147,7 +139,6 @@ mod tests {
     fn an_unclean_start_abandons_the_old_actor() {
         let previous = IncarnationRecord {
             actor: Actor(7),
-            next_counter: 0,
             clean_shutdown: false,
         };
         let (clock, record) = on_start(Some(previous), 9);

@@ -187,7 +187,7 @@
 //!   never removed: every unclean restart, wiped data directory or local deletion gives its
 //!   node a new actor, which adds an entry to every key written through the node afterwards.
 //!   A key written 1,000 times through one node that never restarted uncleanly has a one-entry
-//!   context (a 31-byte token). Cloud dots are transient in stored states (they fold as the
+//!   context (a 32-byte token). Cloud dots are transient in stored states (they fold as the
 //!   replicas' states join, except around dots lost for good with a wiped node) but not in a
 //!   client's hands: a client that keeps writing with the
 //!   contexts its own puts return, while another client writes the same key through the same

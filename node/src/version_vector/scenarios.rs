@@ -324,6 +324,9 @@ fn a_collected_key_written_again_under_the_old_actor_drops_a_write() {
     assert_eq!(values, vec!["from-x"]);
 }
 
+/// A random-looking actor, as `on_start` gets from the OS RNG: token sizes are realistic.
+const RANDOM_ACTOR: u64 = 0x9e37_79b9_7f4a_7c15;
+
 /// One node's states of many keys, for the stories about context sizes.
 struct Store {
     clock: ActorClock,
@@ -381,7 +384,7 @@ fn token_len(context: &CausalContext, key: &str) -> usize {
 fn hot_key_story(
     mut dot_for: impl FnMut(&ActorClock, &KeyState) -> Dot,
 ) -> (usize, usize, CausalContext) {
-    let mut node = Store::start(0xA);
+    let mut node = Store::start(RANDOM_ACTOR);
     let (mut entries, mut bytes) = (0, 0);
     for n in 0..1_000u64 {
         let read = node.state("hot").context().clone();
@@ -411,7 +414,10 @@ fn a_hot_key_keeps_a_one_entry_context() {
     println!("hot key, 1,000 writes: {entries} context entry, tokens of at most {bytes} bytes");
     assert_eq!(entries, 1);
     assert!(bytes < 64, "{bytes} bytes");
-    assert_eq!(last.version_vector().get(&Actor(0xA)), Some(&1_000));
+    assert_eq!(
+        last.version_vector().get(&Actor(RANDOM_ACTOR)),
+        Some(&1_000)
+    );
     let token = encode_token(&last, "ks", b"hot");
     assert_eq!(decode_token(&token, "ks", b"hot", 256).unwrap(), last);
 }
@@ -441,7 +447,7 @@ fn a_client_chaining_its_put_contexts_keeps_a_one_entry_context() {
     // A client writes 100 times through A with the context its previous put returned, never
     // reading; A coordinates writes to other keys in between. The returned context is the
     // writer's context plus the new dot, which is contiguous with it.
-    let mut node = Store::start(0xA);
+    let mut node = Store::start(RANDOM_ACTOR);
     let mut context = CausalContext::new();
     let mut bytes = 0;
     for n in 0..100u64 {
@@ -468,7 +474,7 @@ fn two_clients_chaining_at_one_coordinator_carry_each_others_gaps_until_they_rea
     // through the same coordinator, never reading. Each one's context carries its own dots but
     // not the other's (it never saw them), so every write after one of the other's adds a
     // cloud dot. Siblings stay at two, and one read brings the context back to one entry.
-    let mut node = Store::start(0xA);
+    let mut node = Store::start(RANDOM_ACTOR);
     let (mut x, mut y) = (CausalContext::new(), CausalContext::new());
     for n in 0..100u64 {
         x = node.put("k", &x, 2 * n);
