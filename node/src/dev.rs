@@ -360,7 +360,7 @@ pub async fn run(args: DevArgs) -> i32 {
         }
     }
     print_banner(&cluster, &exe);
-    wait_for_signal().await;
+    crate::server::shutdown_signal().await;
     eprintln!("stopping {} nodes...", children.len());
     stop_all(&mut children).await;
     eprintln!("stopped");
@@ -395,21 +395,6 @@ fn print_banner(cluster: &LocalCluster, exe: &Path) {
         "Press Ctrl-C to stop every node cleanly; run again with --dir {} to reuse the data.",
         cluster.dir.display()
     );
-}
-
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut terminate) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = terminate.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
 }
 
 /// Sends SIGTERM to every child and waits for it; a child that does not stop within ten

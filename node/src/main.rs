@@ -190,7 +190,7 @@ fn run_start(config: &ConfigArgs) -> anyhow::Result<()> {
     runtime.block_on(quorumkv_node::server::run(
         config,
         Some(prometheus),
-        shutdown_signal(),
+        quorumkv_node::server::shutdown_signal(),
     ))?;
     Ok(())
 }
@@ -208,23 +208,6 @@ fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHa
         .context("installing the metrics recorder")?;
     quorumkv_node::metrics::describe();
     Ok(handle)
-}
-
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let ctrl_c = tokio::signal::ctrl_c();
-    match signal(SignalKind::terminate()) {
-        Ok(mut terminate) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = terminate.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
 }
 
 fn run_certs(command: CertsCommand) -> anyhow::Result<()> {

@@ -607,26 +607,13 @@ impl NodeCore {
             );
         }
         let encoded = merged.state.encode_canonical();
-        for replica in checked
-            .preference_list
-            .iter()
-            .filter(|node| **node != self.me)
-        {
-            if self.detector.is_up(replica) {
-                out.push(Output::Send {
-                    to: replica.clone(),
-                    message: PeerMessage::Replicate {
-                        op,
-                        keyspace: checked.keyspace.to_string(),
-                        key: checked.key.to_vec(),
-                        state: encoded.clone(),
-                        durable: dw > 0,
-                    },
-                });
-            } else {
-                tally.record(replica, ReplicaProgress::Failed);
-            }
-        }
+        self.fan_out(checked, &mut tally, out, || PeerMessage::Replicate {
+            op,
+            keyspace: checked.keyspace.to_string(),
+            key: checked.key.to_vec(),
+            state: encoded.clone(),
+            durable: dw > 0,
+        });
         self.ops.insert(
             op,
             Op::Write(WriteOp {
@@ -659,24 +646,11 @@ impl NodeCore {
         let op = self.new_op();
         let mut tally = Tally::new(checked.preference_list.iter().cloned(), r, 0);
         tally.record(&self.me, ReplicaProgress::Applied);
-        for replica in checked
-            .preference_list
-            .iter()
-            .filter(|node| **node != self.me)
-        {
-            if self.detector.is_up(replica) {
-                out.push(Output::Send {
-                    to: replica.clone(),
-                    message: PeerMessage::Read {
-                        op,
-                        keyspace: checked.keyspace.to_string(),
-                        key: checked.key.to_vec(),
-                    },
-                });
-            } else {
-                tally.record(replica, ReplicaProgress::Failed);
-            }
-        }
+        self.fan_out(checked, &mut tally, out, || PeerMessage::Read {
+            op,
+            keyspace: checked.keyspace.to_string(),
+            key: checked.key.to_vec(),
+        });
         self.ops.insert(
             op,
             Op::Read(ReadOp {
@@ -690,6 +664,31 @@ impl NodeCore {
         );
         self.settle(op, out);
         Ok(())
+    }
+
+    /// Sends `message()` to every other replica believed up; the ones believed down count as
+    /// failed at once, so the request does not wait for them.
+    fn fan_out(
+        &self,
+        checked: &Checked<'_>,
+        tally: &mut Tally,
+        out: &mut Vec<Output>,
+        message: impl Fn() -> PeerMessage,
+    ) {
+        for replica in checked
+            .preference_list
+            .iter()
+            .filter(|node| **node != self.me)
+        {
+            if self.detector.is_up(replica) {
+                out.push(Output::Send {
+                    to: replica.clone(),
+                    message: message(),
+                });
+            } else {
+                tally.record(replica, ReplicaProgress::Failed);
+            }
+        }
     }
 
     fn decode_context(

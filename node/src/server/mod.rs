@@ -200,3 +200,20 @@ pub async fn run(
     tracing::info!(node = %me, "stopped cleanly");
     Ok(())
 }
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM: what stops a node or a dev cluster.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let ctrl_c = tokio::signal::ctrl_c();
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
