@@ -132,5 +132,5 @@ impl Error {
     }
 }
 
-/// Shorthand for results carrying [`Error`].
+/// Shorthand for results carrying [`enum@Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
