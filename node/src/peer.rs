@@ -31,6 +31,9 @@ pub struct Hello {
     pub node: String,
     /// Hex fingerprint of the dialing node's cluster map (ring, keyspaces, addresses).
     pub fingerprint: String,
+    /// Random per process start. A peer that sees a new value knows the dialing node
+    /// restarted, so its own outgoing connection to it is dead and must be re-dialled.
+    pub instance: u64,
 }
 
 /// A message between two nodes.

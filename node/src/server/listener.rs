@@ -21,6 +21,7 @@ use crate::tls::{self, Identity, PEER_ALPN};
 use quorumkv_client::frame::{decode_body, decode_header, encode_frame, FRAME_HEADER_LEN};
 use quorumkv_client::protocol::{ErrorKind, ErrorReply, Request, Response, CLIENT_ALPN};
 use quorumkv_ring::NodeId;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -39,12 +40,28 @@ pub mod close_code {
 /// How long a peer has to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Called with a peer's node id and process instance once its hello is accepted.
+pub type PeerHelloHook = Arc<dyn Fn(&NodeId, u64) + Send + Sync>;
+
 /// What the listener needs to know.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ListenerConfig {
     pub me: NodeId,
     pub fingerprint: String,
     pub frame_bytes_max: u32,
+    /// Told when a peer has connected to us and passed its hello: it is up now, so our own
+    /// outgoing link to it should be (re)established at once (see `transport::quic`).
+    pub on_peer_hello: PeerHelloHook,
+}
+
+impl std::fmt::Debug for ListenerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerConfig")
+            .field("me", &self.me)
+            .field("fingerprint", &self.fingerprint)
+            .field("frame_bytes_max", &self.frame_bytes_max)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Accepts connections until the endpoint closes.
@@ -194,12 +211,16 @@ async fn serve_peer(
     config: ListenerConfig,
     core: CoreHandle,
 ) {
-    if let Err((code, reason)) = check_hello(&connection, &node, &config).await {
-        tracing::error!(peer = %node, %reason, "peer refused");
-        connection.close(code.into(), reason.as_bytes());
-        return;
-    }
-    tracing::debug!(peer = %node, "peer connected");
+    let hello = match check_hello(&connection, &node, &config).await {
+        Ok(hello) => hello,
+        Err((code, reason)) => {
+            tracing::error!(peer = %node, %reason, "peer refused");
+            connection.close(code.into(), reason.as_bytes());
+            return;
+        }
+    };
+    tracing::debug!(peer = %node, instance = hello.instance, "peer connected");
+    (config.on_peer_hello)(&node, hello.instance);
     let inbox = core.inbox();
     while let Ok(mut recv) = connection.accept_uni().await {
         let inbox = inbox.clone();
@@ -230,7 +251,7 @@ async fn check_hello(
     connection: &quinn::Connection,
     node: &NodeId,
     config: &ListenerConfig,
-) -> Result<(), (u32, String)> {
+) -> Result<Hello, (u32, String)> {
     let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
         let mut recv = connection.accept_uni().await.map_err(|e| e.to_string())?;
         let body = read_frame(&mut recv, config.frame_bytes_max)
@@ -269,7 +290,7 @@ async fn check_hello(
             ),
         ));
     }
-    Ok(())
+    Ok(hello)
 }
 
 // ----- frames --------------------------------------------------------------------------------

@@ -135,18 +135,19 @@ pub async fn run(
             address: address.clone(),
         })
         .collect();
-    let transport = QuicTransport::start(
+    let transport = Arc::new(QuicTransport::start(
         endpoint.clone(),
         QuicTransportConfig {
             me: me.clone(),
             fingerprint: fingerprint.clone(),
+            instance: rand::random(),
             client_config: peer_client,
             connect_timeout: Duration::from_millis(config.timeouts.connect_timeout_ms),
             frame_bytes_max: config.limits.frame_bytes_max,
         },
         peers,
         inbox.0.clone(),
-    );
+    ));
     let core = NodeCore::new(
         me.clone(),
         map.clone(),
@@ -157,7 +158,7 @@ pub async fn run(
     let running = core_task::spawn(
         core,
         storage.clone(),
-        Arc::new(transport),
+        transport.clone(),
         inbox,
         clock_origin,
         stop_rx.clone(),
@@ -171,6 +172,12 @@ pub async fn run(
             me: me.clone(),
             fingerprint,
             frame_bytes_max: config.limits.frame_bytes_max,
+            on_peer_hello: {
+                let transport = transport.clone();
+                Arc::new(move |node: &quorumkv_ring::NodeId, instance| {
+                    transport.peer_connected(node, instance)
+                })
+            },
         },
         running.handle.clone(),
     ));
@@ -195,7 +202,9 @@ pub async fn run(
             reason: e.to_string(),
         })??;
     storage.set_incarnation(&on_clean_shutdown(core.clock()))?;
-    endpoint.wait_idle().await;
+    // Give the close frames a moment to reach peers and clients, but do not wait for
+    // connections whose peer never answers (a half-open dial) to idle out.
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     admin.stop();
     tracing::info!(node = %me, "stopped cleanly");
     Ok(())

@@ -13,7 +13,14 @@
 //! QUIC's per-connection stream limit is the backpressure between two nodes.
 //!
 //! Incoming connections are accepted by the server (see `crate::server`), which checks the
-//! certificate identity and the hello and feeds messages to the core.
+//! certificate identity and the hello and feeds messages to the core. When a hello arrives
+//! from a process instance of a peer not seen before, the server calls
+//! [`QuicTransport::peer_connected`]: the peer is demonstrably up, so our outgoing link to it is
+//! re-dialled at once. That matters in two cases. A node that
+//! started before its peer may be stuck in a dial (or its back-off) to an address nobody
+//! listened on yet. And a peer that crashed and restarted cannot tell us to drop our old
+//! connection (its new endpoint has no state for it), which would otherwise swallow messages
+//! until the idle timeout.
 
 use super::Transport;
 use crate::certs::node_dns_name;
@@ -24,7 +31,7 @@ use quorumkv_ring::NodeId;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 /// Messages queued per peer before sends start failing.
@@ -47,6 +54,8 @@ pub struct PeerRoute {
 pub struct QuicTransportConfig {
     pub me: NodeId,
     pub fingerprint: String,
+    /// This process's random instance id, sent in every hello.
+    pub instance: u64,
     pub client_config: quinn::ClientConfig,
     pub connect_timeout: Duration,
     pub frame_bytes_max: u32,
@@ -56,6 +65,9 @@ pub struct QuicTransportConfig {
 #[derive(Debug)]
 pub struct QuicTransport {
     queues: BTreeMap<NodeId, mpsc::Sender<PeerMessage>>,
+    redials: BTreeMap<NodeId, Arc<Notify>>,
+    /// The instance id each peer last said hello with.
+    instances: std::sync::Mutex<BTreeMap<NodeId, u64>>,
     inbox: mpsc::UnboundedSender<Input>,
 }
 
@@ -69,9 +81,12 @@ impl QuicTransport {
     ) -> QuicTransport {
         let config = Arc::new(config);
         let mut queues = BTreeMap::new();
+        let mut redials = BTreeMap::new();
         for peer in peers {
             let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+            let redial = Arc::new(Notify::new());
             queues.insert(peer.id.clone(), tx);
+            redials.insert(peer.id.clone(), redial.clone());
             let sender = PeerSender {
                 endpoint: endpoint.clone(),
                 config: config.clone(),
@@ -79,10 +94,33 @@ impl QuicTransport {
                 inbox: inbox.clone(),
                 connection: None,
                 dial_failed_at: None,
+                redial,
             };
             tokio::spawn(sender.run(rx));
         }
-        QuicTransport { queues, inbox }
+        QuicTransport {
+            queues,
+            redials,
+            instances: std::sync::Mutex::default(),
+            inbox,
+        }
+    }
+
+    /// `node` connected to us and passed its hello. If this is a process instance of it we
+    /// have not seen before (it started or restarted), replace our outgoing link to it. The
+    /// same instance saying hello again (it re-dialled us) changes nothing, so two nodes never
+    /// make each other reconnect in a loop.
+    pub fn peer_connected(&self, node: &NodeId, instance: u64) {
+        let mut instances = self
+            .instances
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if instances.insert(node.clone(), instance) == Some(instance) {
+            return;
+        }
+        if let Some(redial) = self.redials.get(node) {
+            redial.notify_one();
+        }
     }
 }
 
@@ -107,11 +145,22 @@ struct PeerSender {
     inbox: mpsc::UnboundedSender<Input>,
     connection: Option<quinn::Connection>,
     dial_failed_at: Option<Instant>,
+    redial: Arc<Notify>,
 }
 
 impl PeerSender {
     async fn run(mut self, mut queue: mpsc::Receiver<PeerMessage>) {
-        while let Some(message) = queue.recv().await {
+        loop {
+            let message = tokio::select! {
+                message = queue.recv() => match message {
+                    Some(message) => message,
+                    None => return,
+                },
+                _ = self.redial.notified() => {
+                    self.forget_connection("the peer connected to us anew");
+                    continue;
+                }
+            };
             if let Err(reason) = self.deliver(&message).await {
                 tracing::debug!(peer = %self.peer.id, kind = message.kind(), %reason, "send failed");
                 let _ = self.inbox.send(Input::Unreachable {
@@ -147,7 +196,13 @@ impl PeerSender {
                 return Err("recent dial failed; backing off".into());
             }
         }
-        match self.dial().await {
+        // A dial to a peer that is not listening yet waits for the connect timeout; if the peer
+        // connects to us meanwhile it is up, so start over instead of waiting that out.
+        let dialed = tokio::select! {
+            dialed = self.dial() => dialed,
+            _ = self.redial.notified() => self.dial().await,
+        };
+        match dialed {
             Ok(connection) => {
                 self.dial_failed_at = None;
                 self.connection = Some(connection.clone());
@@ -179,10 +234,23 @@ impl PeerSender {
         let hello = Hello {
             node: self.config.me.to_string(),
             fingerprint: self.config.fingerprint.clone(),
+            instance: self.config.instance,
         };
         let frame = encode_frame(&hello, self.config.frame_bytes_max).map_err(|e| e.to_string())?;
         write_stream(&connection, &frame).await?;
         Ok(connection)
+    }
+}
+
+impl PeerSender {
+    /// Drops the outgoing connection (closing it) and any dial back-off, so the next message
+    /// dials afresh.
+    fn forget_connection(&mut self, why: &str) {
+        if let Some(connection) = self.connection.take() {
+            tracing::debug!(peer = %self.peer.id, %why, "replacing the connection to a peer");
+            connection.close(quinn::VarInt::from_u32(0), why.as_bytes());
+        }
+        self.dial_failed_at = None;
     }
 }
 
