@@ -490,7 +490,8 @@ async fn concurrent_durable_writes_share_flushes() {
 }
 
 /// A cluster whose nodes all answer `/ready` accepts writes that need every replica: right
-/// after a simultaneous start, and right after one node is stopped cleanly and started again.
+/// after a simultaneous start, and right after one node is stopped cleanly, started again and
+/// heard from by its peers.
 ///
 /// The hazard: a node that dials a peer before the peer has bound its port loses the QUIC
 /// Initial, and quinn retransmits it only after its first probe timeout (about 1 s), so without
@@ -549,6 +550,24 @@ async fn writes_succeed_as_soon_as_every_node_is_ready() {
         },
     );
     cluster.restart_process(restarted);
+    // A peer counts the restarted node down until the node's first message arrives; that
+    // takes a moment after `/ready` and is no failure. What must not happen is the peer
+    // believing it up while its own link to it is still stuck.
+    wait_until(
+        "both peers hear from the restarted node",
+        Duration::from_secs(30),
+        || {
+            [0, 1].iter().all(|observer| {
+                let text = cluster.metrics(*observer);
+                let id = cluster.node(restarted).id.to_string();
+                quorumkv_tests::cluster::metric_value(
+                    &text,
+                    quorumkv_tests::cluster::PEER_UP,
+                    &[("peer", &id)],
+                ) == Some(1.0)
+            })
+        },
+    );
     within(TEST_LIMIT, async {
         let client = cluster.client().await;
         for key in &keys {

@@ -134,26 +134,12 @@ fn stop_dev(mut dev: ChildGuard, dir: &Path, admin: u16, log: &Path) -> Vec<Stri
         .collect()
 }
 
-/// Runs the CLI until it succeeds, for at most 30 s, retrying only `QuorumNotReached` (exit 3):
-/// right after `dev` is ready the nodes may not reach each other yet, because `/ready` does not
-/// cover peer links (see `writes_succeed_as_soon_as_every_node_is_ready`).
-fn cli_once_connected(env: &[(String, String)], args: &[&str]) -> CliOutput {
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let output = cli(env, args);
-        if output.code == Some(0) || std::time::Instant::now() >= until {
-            return output;
-        }
-        assert_eq!(output.code, Some(3), "{args:?}: {output:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Writes `greeting = hello` through the CLI, with the environment `dev` wrote. A failed
-/// attempt may still leave its value, so every sibling read later must be "hello".
+/// Writes `greeting = hello` through the CLI, with the environment `dev` wrote, as soon as
+/// `dev` says the cluster is ready.
 fn put_greeting(env: &[(String, String)]) {
-    let put = cli_once_connected(env, &["put", "--json", "greeting", "hello"]);
+    let put = cli(env, &["put", "--json", "greeting", "hello"]);
     assert_eq!(put.code, Some(0), "put: {put:?}");
+    assert!(put.stdout_json()["context"].is_string(), "put: {put:?}");
 }
 
 #[test]
@@ -175,12 +161,12 @@ fn dev_serves_the_cli_stops_on_sigterm_and_keeps_its_data() {
     let mut second = start_dev(dir.path(), quic, admin, &log);
     let env_again = wait_for_dev(&mut second, dir.path(), admin, &log, 2);
     assert_eq!(env, env_again, "a second run writes the same environment");
-    let get = cli_once_connected(&env, &["get", "--json", "--r", "3", "greeting"]);
+    let get = cli(&env, &["get", "--json", "--r", "3", "greeting"]);
     assert_eq!(get.code, Some(0), "get: {get:?}");
     let siblings = get.stdout_json()["siblings"].clone();
     let values = siblings.as_array().expect("a sibling list");
     assert!(
-        !values.is_empty() && values.iter().all(|v| v == "hello"),
+        values == &[serde_json::json!("hello")],
         "after a restart of dev: {get:?}"
     );
     let unclean = stop_dev(second, dir.path(), admin, &log);

@@ -14,6 +14,9 @@ use std::time::Duration;
 
 const TEST_LIMIT: Duration = Duration::from_secs(150);
 const CLI_LIMIT: Duration = Duration::from_secs(30);
+/// The coordinator timeout the CLI asks for when a quorum is expected to fail: the CLI waits
+/// one second longer, so it hears the node's QuorumNotReached rather than timing out itself.
+const CLI_TIMEOUT_MS: &str = "3000";
 const CONDITION_DEADLINE: Duration = Duration::from_secs(30);
 
 fn has_value(read: &GetResult, value: &str) -> bool {
@@ -43,7 +46,6 @@ async fn fault_tolerant_client(cluster: &TestCluster) -> Client {
     cluster
         .client_builder()
         .connect_timeout(Duration::from_millis(500))
-        .request_timeout(Duration::from_secs(3))
         .avoid_after_failure(Duration::from_secs(600))
         .build()
         .await
@@ -86,9 +88,16 @@ async fn each_request_chooses_its_quorum_and_a_dead_node_cannot_count() {
             }
         }
         let cli = run_cli(
-            cluster
-                .cli()
-                .args(["put", "--json", "--w", "3", &key, "cli-lost?"]),
+            cluster.cli().args([
+                "put",
+                "--json",
+                "--w",
+                "3",
+                "--timeout-ms",
+                CLI_TIMEOUT_MS,
+                &key,
+                "cli-lost?",
+            ]),
             CLI_LIMIT,
         );
         assert_eq!(cli.code, Some(3), "{cli:?}");
@@ -131,7 +140,15 @@ async fn each_request_chooses_its_quorum_and_a_dead_node_cannot_count() {
             }
         }
         let cli = run_cli(
-            cluster.cli().args(["get", "--json", "--r", "2", &key]),
+            cluster.cli().args([
+                "get",
+                "--json",
+                "--r",
+                "2",
+                "--timeout-ms",
+                CLI_TIMEOUT_MS,
+                &key,
+            ]),
             CLI_LIMIT,
         );
         assert_eq!(cli.code, Some(3), "{cli:?}");
@@ -166,19 +183,15 @@ struct WriteLog {
 }
 
 /// Durable writes (w=2, dw=2) of distinct keys stream in from 8 concurrent writers while one
-/// node (n2) is killed with SIGKILL. When the stream has ended, the other two are killed with
-/// SIGKILL as well, and all three start again on their data directories. (Left running, they
-/// would keep sending to the restarted node on their dead pre-crash connections for 30 s; see
-/// `a_restarted_node_hears_its_peers_before_their_old_connections_idle_out`.)
+/// node (n2) is killed with SIGKILL; when the stream has ended, n2 is started again on its data
+/// directory. Checked afterwards, for every write the client saw acknowledged:
 ///
-/// Every acknowledged write was flushed on two replicas before it was acknowledged, and a
-/// flush must survive SIGKILL. Checked afterwards, for every write the client saw acknowledged:
-///
-/// 1. a read with r=3 (all three replicas answered, n2 among them) returns it;
-/// 2. after n3 is killed again, a read with r=2 (n1 and n2, which answer from disk after their
-///    own kill -9) still returns it. Of the two replicas that flushed the write, at least one
-///    is n1 or n2, so this holds exactly when no node lost a write it had flushed; writes
-///    acknowledged by {n2, n3} before n2's mid-stream crash are the ones that test n2's disk.
+/// 1. a read with r=3 (all three replicas answered, the restarted n2 among them) returns it;
+/// 2. after n3, which never crashed, is killed as well, a read with r=2 (n1 and the restarted
+///    n2) still returns it. dw=2 put every acknowledged write on the disks of two replicas, at
+///    least one of which is n1 or n2, so this holds exactly when n2 kept every write it had
+///    acknowledged as durable before its crash (the writes acknowledged by n2 and n3 alone are
+///    the ones that test it).
 ///
 /// Writes that failed may or may not be there; they are counted, not checked.
 #[tokio::test(flavor = "multi_thread")]
@@ -272,10 +285,7 @@ async fn acknowledged_durable_writes_survive_kill_9_and_restart() {
             log.failed
         );
 
-        for node in (0..3).filter(|node| *node != victim) {
-            cluster.kill(node);
-        }
-        cluster.restart_nodes(&[0, 1, 2]);
+        cluster.restart(victim);
         let client = fault_tolerant_client(&cluster).await;
         let mut duplicates = 0;
         for key in &log.acknowledged {
@@ -301,7 +311,7 @@ async fn acknowledged_durable_writes_survive_kill_9_and_restart() {
                 .unwrap_or_else(|e| panic!("r=2 {key}: {e}"));
             assert!(
                 has_value(&got, key),
-                "acknowledged durable write {key} missing from n1 and n2 after kill -9: {got:?}"
+                "acknowledged durable write {key} missing from n1 and the restarted n2: {got:?}"
             );
         }
         client.close().await;
@@ -389,7 +399,7 @@ async fn a_paused_node_is_detected_down_and_comes_back_up() {
 /// believe them down and be unable to coordinate W=3. The help: the restarted node's hello
 /// carries a new instance id, and each peer re-dials it on seeing one.
 ///
-/// The deadline (10 s, five times `peer_down_after_ms`) is well below that idle timeout; it
+/// The deadline (10 s, twice `peer_down_after_ms`) is well below that idle timeout; it
 /// bounds a liveness condition, it does not measure speed.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_node_hears_its_peers_before_their_old_connections_idle_out() {
