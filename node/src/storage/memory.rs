@@ -302,20 +302,12 @@ impl Storage for MemoryStorage {
         inner
             .incarnation
             .as_deref()
-            .map(|bytes| {
-                rmp_serde::from_slice(bytes).map_err(|e| Error::StorageCorrupt {
-                    operation: "read incarnation",
-                    reason: format!("incarnation record does not decode: {e}"),
-                })
-            })
+            .map(super::decode_incarnation)
             .transpose()
     }
 
     fn set_incarnation(&self, record: &IncarnationRecord) -> Result<()> {
-        let bytes = rmp_serde::to_vec_named(record).map_err(|e| Error::Storage {
-            operation: "write incarnation",
-            reason: format!("incarnation record does not encode: {e}"),
-        })?;
+        let bytes = super::encode_incarnation(record)?;
         let mut inner = self.lock();
         inner.incarnation = Some(bytes);
         // On disk the record is made durable by a flush of the whole engine, which takes every

@@ -361,20 +361,12 @@ impl Storage for SledStorage {
             .get(META_INCARNATION)
             .map_err(|e| engine_error("read incarnation", e))?;
         bytes
-            .map(|bytes| {
-                rmp_serde::from_slice(&bytes).map_err(|e| Error::StorageCorrupt {
-                    operation: "read incarnation",
-                    reason: format!("incarnation record does not decode: {e}"),
-                })
-            })
+            .map(|bytes| super::decode_incarnation(&bytes))
             .transpose()
     }
 
     fn set_incarnation(&self, record: &IncarnationRecord) -> Result<()> {
-        let bytes = rmp_serde::to_vec_named(record).map_err(|e| Error::Storage {
-            operation: "write incarnation",
-            reason: format!("incarnation record does not encode: {e}"),
-        })?;
+        let bytes = super::encode_incarnation(record)?;
         self.meta
             .insert(META_INCARNATION, bytes)
             .map_err(|e| engine_error("write incarnation", e))?;
