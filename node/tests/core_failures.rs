@@ -1,0 +1,156 @@
+//! Failure paths of the pure node core, driven by hand: no sockets, no tokio, no clock.
+
+use quorumkv_client::protocol::{ErrorKind, Request, RequestId, Response, WriteOptions};
+use quorumkv_node::core::{ClientHandle, ClusterMap, CoreConfig, Input, NodeCore, Now, Output};
+use quorumkv_node::storage::memory::MemoryStorage;
+use quorumkv_node::version_vector::on_start;
+use quorumkv_ring::{Node, NodeId, Ring, RingConfig, Zone};
+use std::sync::Arc;
+
+fn single_node() -> (NodeCore, MemoryStorage) {
+    let id = NodeId::new("n1").expect("valid id");
+    let node = Node::new(id.clone(), Zone::new("z").expect("valid zone"), 1).expect("node");
+    let ring = Ring::build(RingConfig::new(16, 1).expect("config"), [node]).expect("ring");
+    let map = Arc::new(ClusterMap {
+        ring,
+        keyspaces: [("default".to_string(), 1u8)].into_iter().collect(),
+        addresses: [(id.clone(), "n1:1".to_string())].into_iter().collect(),
+    });
+    let (clock, _) = on_start(None, 42);
+    let now = Now {
+        monotonic_ms: 0,
+        wall_ms: 0,
+    };
+    let core = NodeCore::new(id, map, CoreConfig::default(), clock, now);
+    (core, MemoryStorage::new())
+}
+
+fn durable_put(key: &str) -> Request {
+    Request::Put {
+        keyspace: "default".into(),
+        key: key.as_bytes().to_vec(),
+        value: b"v".to_vec(),
+        context: None,
+        request_id: RequestId([1; 16]),
+        options: WriteOptions {
+            w: Some(1),
+            dw: Some(1),
+            timeout_ms: None,
+        },
+    }
+}
+
+fn reply(out: &[Output]) -> Option<&Response> {
+    out.iter().find_map(|o| match o {
+        Output::Reply { response, .. } => Some(response),
+        _ => None,
+    })
+}
+
+/// A flush that fails (a full disk, an I/O error) fails the durable writes waiting on it with
+/// a quorum error that says what was reached, instead of acknowledging them.
+#[test]
+fn a_failed_flush_fails_the_durable_writes_waiting_for_it() {
+    let (mut core, storage) = single_node();
+    let now = Now {
+        monotonic_ms: 1,
+        wall_ms: 1,
+    };
+    let mut out = Vec::new();
+    core.handle(
+        now,
+        Input::Client {
+            handle: ClientHandle(1),
+            request: durable_put("k"),
+        },
+        &storage,
+        &mut out,
+    );
+    assert!(
+        reply(&out).is_none(),
+        "a durable write must wait for its flush"
+    );
+    assert!(
+        out.iter().any(|o| matches!(o, Output::Flush)),
+        "the core asks for a flush"
+    );
+    out.clear();
+    core.handle(
+        now,
+        Input::FlushFailed {
+            reason: "No space left on device".into(),
+        },
+        &storage,
+        &mut out,
+    );
+    match reply(&out) {
+        Some(Response::Error(error)) => {
+            assert_eq!(error.kind, ErrorKind::QuorumNotReached);
+            let quorum = error.quorum.expect("quorum details");
+            assert_eq!((quorum.durable_required, quorum.durable_acked), (1, 0));
+            assert!(error.message.contains("durab"), "{}", error.message);
+        }
+        other => panic!("expected a quorum error, got {other:?}"),
+    }
+    assert_eq!(core.in_flight(), 0);
+}
+
+/// The same write with a successful flush is acknowledged: the failure above is the flush's.
+#[test]
+fn a_successful_flush_acknowledges_the_durable_write() {
+    let (mut core, storage) = single_node();
+    let now = Now {
+        monotonic_ms: 1,
+        wall_ms: 1,
+    };
+    let mut out = Vec::new();
+    core.handle(
+        now,
+        Input::Client {
+            handle: ClientHandle(1),
+            request: durable_put("k"),
+        },
+        &storage,
+        &mut out,
+    );
+    out.clear();
+    let through = quorumkv_node::storage::Storage::flush(&storage).expect("memory flush");
+    core.handle(now, Input::Flushed { through }, &storage, &mut out);
+    assert!(
+        matches!(reply(&out), Some(Response::Written { .. })),
+        "{out:?}"
+    );
+}
+
+/// A request whose replicas never answer is answered at its deadline, never held forever.
+#[test]
+fn the_deadline_bounds_every_request() {
+    let (mut core, storage) = single_node();
+    let mut out = Vec::new();
+    let start = Now {
+        monotonic_ms: 1,
+        wall_ms: 1,
+    };
+    core.handle(
+        start,
+        Input::Client {
+            handle: ClientHandle(1),
+            request: durable_put("k"),
+        },
+        &storage,
+        &mut out,
+    );
+    out.clear();
+    let deadline = core
+        .next_deadline_ms()
+        .expect("a pending request has a deadline");
+    let later = Now {
+        monotonic_ms: deadline,
+        wall_ms: deadline,
+    };
+    core.handle(later, Input::Tick, &storage, &mut out);
+    match reply(&out) {
+        Some(Response::Error(error)) => assert_eq!(error.kind, ErrorKind::QuorumNotReached),
+        other => panic!("expected a quorum error at the deadline, got {other:?}"),
+    }
+}
