@@ -3,7 +3,9 @@
 //! its own (durability, atomicity of aux writes, sequence numbers, on-disk safety checks).
 
 use super::memory::MemoryStorage;
-use super::sled_store::{engine_error, Plan, SledOptions, SledStorage, FORMAT_VERSION};
+use super::sled_store::{
+    engine_error, Plan, SledOptions, SledStorage, FORMAT_VERSION, SEGMENT_BYTES,
+};
 use super::*;
 use crate::version_vector::{Actor, CausalContext, Dot, RequestId};
 use proptest::collection::vec;
@@ -35,7 +37,13 @@ fn try_open_sled(dir: &Path) -> Result<SledStorage> {
 
 /// sled opened directly, to plant bytes the engine would never write.
 fn raw_sled(dir: &Path) -> sled::Db {
-    wait_for_lock(|| sled::open(dir)).unwrap()
+    wait_for_lock(|| {
+        sled::Config::new()
+            .path(dir)
+            .segment_size(SEGMENT_BYTES)
+            .open()
+    })
+    .unwrap()
 }
 
 /// sled releases a directory's lock from background threads after its last handle drops, so an
@@ -804,7 +812,7 @@ fn sled_writes_the_format_marker_and_refuses_another_version() {
         let meta = db.open_tree("meta").unwrap();
         let marker = meta.get(b"format").unwrap().unwrap();
         assert_eq!(marker.as_ref(), &FORMAT_VERSION.to_be_bytes());
-        meta.insert(b"format", &2u32.to_be_bytes()).unwrap();
+        meta.insert(b"format", &(FORMAT_VERSION + 1).to_be_bytes()).unwrap();
         db.flush().unwrap();
     }
     let err = try_open_sled(dir.path()).unwrap_err();
@@ -812,13 +820,33 @@ fn sled_writes_the_format_marker_and_refuses_another_version() {
         matches!(
             err,
             Error::StorageFormat {
-                found: 2,
-                supported: 1
-            }
+                found,
+                supported: FORMAT_VERSION
+            } if found == FORMAT_VERSION + 1
         ),
         "{err:?}"
     );
     assert!(!err.is_retryable());
+}
+
+#[test]
+fn sled_refuses_a_format_1_directory_by_name() {
+    // Format 1 used sled's default log segments; sled itself refuses the directory before the
+    // marker can be read, and the error must still say "format", not "corrupt".
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = wait_for_lock(|| sled::open(dir.path())).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert(b"format", &1u32.to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let err = try_open_sled(dir.path()).unwrap_err();
+    assert!(
+        matches!(err, Error::StorageFormat { found: 1, .. }),
+        "{err:?}"
+    );
 }
 
 #[test]
