@@ -91,6 +91,12 @@ pub struct Config {
     /// The largest N any keyspace may ever use; preference lists are this long. Default 5.
     #[serde(default = "default_replication_max")]
     pub replication_max: u32,
+    /// Threads of the node's async runtime; 0 means one per CPU. The core task is one thread's
+    /// work whatever this says; more threads serve connections and storage reads in parallel.
+    /// Several nodes sharing one machine (`quorumkv dev`) do better with fewer: `dev` gives each
+    /// node CPUs / nodes (at least 1). Default 0.
+    #[serde(default)]
+    pub worker_threads: usize,
     /// Keyspaces by name. Default: `default` with N = 3.
     #[serde(default = "default_keyspaces")]
     pub keyspaces: BTreeMap<String, KeyspaceConfig>,
@@ -172,6 +178,14 @@ pub struct Limits {
     pub in_flight_requests_max: usize,
     /// Largest causal context (entries) a client may send. Default 256.
     pub context_entries_max: usize,
+    /// Bytes of client requests and peer messages queued for the node's core. A client
+    /// request that does not fit is refused as overloaded; a peer message waits (slowing that
+    /// peer). At least twice `frame_bytes_max`. Default 64 MiB.
+    pub inbox_bytes_max: u32,
+    /// Bytes queued to one peer at which the node stops admitting requests that need that
+    /// peer (refused as overloaded) until half of it has drained. Queued messages are never
+    /// dropped for it. Default 32 MiB.
+    pub peer_queue_bytes_max: usize,
 }
 
 impl Default for Limits {
@@ -184,6 +198,8 @@ impl Default for Limits {
             streams_per_connection_max: 256,
             in_flight_requests_max: 4096,
             context_entries_max: 256,
+            inbox_bytes_max: 64 * 1024 * 1024,
+            peer_queue_bytes_max: 32 * 1024 * 1024,
         }
     }
 }
@@ -282,6 +298,9 @@ pub struct ConfigOverrides {
     /// Largest N any keyspace may use (`replication_max`).
     #[arg(long, env = "QUORUMKV_REPLICATION_MAX", value_name = "N")]
     pub replication_max: Option<u32>,
+    /// Threads of the async runtime, 0 for one per CPU (`worker_threads`).
+    #[arg(long, env = "QUORUMKV_WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<usize>,
     /// Keyspaces, comma-separated `name=n` (`keyspaces`).
     #[arg(long, env = "QUORUMKV_KEYSPACES", value_name = "LIST")]
     pub keyspaces: Option<KeyspaceList>,
@@ -319,6 +338,16 @@ pub struct ConfigOverrides {
     /// `limits.context_entries_max`.
     #[arg(long, env = "QUORUMKV_LIMITS_CONTEXT_ENTRIES_MAX", value_name = "N")]
     pub limits_context_entries_max: Option<usize>,
+    /// `limits.inbox_bytes_max`.
+    #[arg(long, env = "QUORUMKV_LIMITS_INBOX_BYTES_MAX", value_name = "BYTES")]
+    pub limits_inbox_bytes_max: Option<u32>,
+    /// `limits.peer_queue_bytes_max`.
+    #[arg(
+        long,
+        env = "QUORUMKV_LIMITS_PEER_QUEUE_BYTES_MAX",
+        value_name = "BYTES"
+    )]
+    pub limits_peer_queue_bytes_max: Option<usize>,
     /// The cluster CA certificate (`tls.ca_cert`).
     #[arg(long, env = "QUORUMKV_TLS_CA_CERT", value_name = "FILE")]
     pub tls_ca_cert: Option<PathBuf>,
@@ -344,6 +373,7 @@ impl ConfigOverrides {
         set.field("members", &self.members.as_ref().map(|m| &m.0))?;
         set.field("ranges", &self.ranges)?;
         set.field("replication_max", &self.replication_max)?;
+        set.field("worker_threads", &self.worker_threads)?;
         set.field("keyspaces", &self.keyspaces.as_ref().map(|k| &k.0))?;
         set.field(
             "timeouts.request_timeout_ms",
@@ -372,6 +402,11 @@ impl ConfigOverrides {
         set.field(
             "limits.context_entries_max",
             &self.limits_context_entries_max,
+        )?;
+        set.field("limits.inbox_bytes_max", &self.limits_inbox_bytes_max)?;
+        set.field(
+            "limits.peer_queue_bytes_max",
+            &self.limits_peer_queue_bytes_max,
         )?;
         set.field("tls.ca_cert", &self.tls_ca_cert)?;
         set.field("tls.cert", &self.tls_cert)?;
@@ -839,6 +874,8 @@ impl Config {
             ),
             ("limits.in_flight_requests_max", l.in_flight_requests_max),
             ("limits.context_entries_max", l.context_entries_max),
+            ("limits.inbox_bytes_max", l.inbox_bytes_max as usize),
+            ("limits.peer_queue_bytes_max", l.peer_queue_bytes_max),
         ] {
             if value == 0 {
                 return Err(config_error(field, "must be at least 1"));
@@ -856,6 +893,17 @@ impl Config {
                     "is {} but a request with the largest key ({}), value ({}) and context \
                      ({} entries) needs {needed}",
                     l.frame_bytes_max, l.key_bytes_max, l.value_bytes_max, l.context_entries_max
+                ),
+            ));
+        }
+        // Room for two of the largest frames, so one large request never waits on an inbox
+        // that can only ever hold it alone.
+        if u64::from(l.inbox_bytes_max) < 2 * u64::from(l.frame_bytes_max) {
+            return Err(config_error(
+                "limits.inbox_bytes_max",
+                format!(
+                    "is {} but must be at least twice limits.frame_bytes_max ({})",
+                    l.inbox_bytes_max, l.frame_bytes_max
                 ),
             ));
         }
@@ -1152,6 +1200,8 @@ mod tests {
             "64",
             "--replication-max",
             "2",
+            "--worker-threads",
+            "1",
             "--keyspaces",
             "default=2,logs=1",
             "--timeouts-request-timeout-ms",
@@ -1174,6 +1224,10 @@ mod tests {
             "19",
             "--limits-context-entries-max",
             "20",
+            "--limits-inbox-bytes-max",
+            "300000",
+            "--limits-peer-queue-bytes-max",
+            "21",
             "--tls-ca-cert",
             "/c/ca.pem",
             "--tls-cert",
@@ -1198,6 +1252,7 @@ mod tests {
             admin_listen: "127.0.0.1:9000".parse().unwrap(),
             ranges: 64,
             replication_max: 2,
+            worker_threads: 1,
             keyspaces: "default=2,logs=1".parse::<KeyspaceList>().unwrap().0,
             timeouts: Timeouts {
                 request_timeout_ms: 11,
@@ -1212,6 +1267,8 @@ mod tests {
                 streams_per_connection_max: 18,
                 in_flight_requests_max: 19,
                 context_entries_max: 20,
+                inbox_bytes_max: 300_000,
+                peer_queue_bytes_max: 21,
             },
             tls: TlsConfig {
                 ca_cert: "/c/ca.pem".into(),

@@ -180,6 +180,7 @@ pub fn prepare(dir: &Path, count: usize, ports: &Ports, ranges: u32) -> Result<L
             admin_listen: loopback(*admin),
             ranges,
             replication_max: 3,
+            worker_threads: shared_cpu_threads(count),
             keyspaces: keyspaces.clone(),
             timeouts: local_timeouts(),
             limits: Limits::default(),
@@ -209,6 +210,13 @@ pub fn prepare(dir: &Path, count: usize, ports: &Ports, ranges: u32) -> Result<L
     let env_path = dir.join("cluster.env");
     std::fs::write(&env_path, cluster.env_file()).map_err(|e| io_error(&env_path, e))?;
     Ok(cluster)
+}
+
+/// Runtime threads for one of `nodes` nodes sharing this machine: its share of the CPUs, at
+/// least one. More threads than CPUs only add context switches between the processes.
+fn shared_cpu_threads(nodes: usize) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus / nodes.max(1)).max(1)
 }
 
 fn loopback(port: u16) -> SocketAddr {

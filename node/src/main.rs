@@ -172,6 +172,15 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// The node's runtime: `worker_threads` threads (0: tokio's default, one per CPU).
+fn node_runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    builder.enable_all().build()
+}
+
 fn exit(code: std::io::Result<i32>) -> ExitCode {
     match code {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
@@ -186,7 +195,7 @@ fn run_start(config: &ConfigArgs) -> anyhow::Result<()> {
     let config = config.load()?;
     tls::check_node_files(&config.tls, &config.node_id)?;
     let prometheus = install_metrics()?;
-    let runtime = runtime().context("starting the async runtime")?;
+    let runtime = node_runtime(config.worker_threads).context("starting the async runtime")?;
     runtime.block_on(quorumkv_node::server::run(
         config,
         Some(prometheus),

@@ -19,6 +19,10 @@ pub const REQUESTS_TOTAL: &str = "quorumkv_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "quorumkv_request_duration_seconds";
 /// Storage flushes (fsyncs). Group commit keeps this far below the number of durable writes.
 pub const STORAGE_FLUSHES_TOTAL: &str = "quorumkv_storage_flushes_total";
+/// Storage flush latency: the log write and its fsync together.
+pub const STORAGE_FLUSH_DURATION_SECONDS: &str = "quorumkv_storage_flush_duration_seconds";
+/// Bytes queued to each peer and not yet written to its connection.
+pub const PEER_QUEUE_BYTES: &str = "quorumkv_peer_queue_bytes";
 /// Requests refused because they exceeded a limit, by limit.
 pub const LIMIT_EXCEEDED_TOTAL: &str = "quorumkv_limit_exceeded_total";
 /// Frames refused as malformed or oversized, by protocol.
@@ -48,6 +52,16 @@ pub fn describe() {
         "Client request latency by operation."
     );
     describe_counter!(STORAGE_FLUSHES_TOTAL, "Storage flushes (fsyncs) performed.");
+    describe_histogram!(
+        STORAGE_FLUSH_DURATION_SECONDS,
+        Unit::Seconds,
+        "Storage flush latency: log write and fsync."
+    );
+    describe_gauge!(
+        PEER_QUEUE_BYTES,
+        Unit::Bytes,
+        "Bytes queued to a peer and not yet written to its connection."
+    );
     describe_counter!(
         LIMIT_EXCEEDED_TOTAL,
         "Requests refused for exceeding a limit, by limit."
@@ -80,9 +94,15 @@ pub fn request(operation: &'static str, outcome: &'static str, seconds: f64) {
     histogram!(REQUEST_DURATION_SECONDS, "operation" => operation).record(seconds);
 }
 
-/// One storage flush.
-pub fn storage_flush() {
+/// One storage flush, which took `seconds`.
+pub fn storage_flush(seconds: f64) {
     counter!(STORAGE_FLUSHES_TOTAL).increment(1);
+    histogram!(STORAGE_FLUSH_DURATION_SECONDS).record(seconds);
+}
+
+/// `bytes` are queued to `peer` now.
+pub fn peer_queue_bytes(peer: &str, bytes: usize) {
+    gauge!(PEER_QUEUE_BYTES, "peer" => peer.to_string()).set(bytes as f64);
 }
 
 /// A request refused by the limit named `limit` (for example `value_bytes`).

@@ -44,8 +44,9 @@ pub enum PeerMessage {
     Forward { op: OpId, request: Request },
     /// The coordinator's answer to a [`PeerMessage::Forward`].
     ForwardReply { op: OpId, response: Response },
-    /// Merge this state into your copy of the key. `durable` asks for a second answer once the
-    /// merge is flushed to disk.
+    /// Merge this state into your copy of the key and answer once: [`PeerMessage::Applied`]
+    /// as soon as it is merged, or, when `durable` is set, [`PeerMessage::Durable`] once the
+    /// merge is flushed to disk (a durable answer counts as applied too).
     Replicate {
         op: OpId,
         keyspace: String,
@@ -55,9 +56,9 @@ pub enum PeerMessage {
         state: Vec<u8>,
         durable: bool,
     },
-    /// The replica merged the state of `op`.
+    /// The replica merged the state of `op` (the answer to a non-durable `Replicate`).
     Applied { op: OpId },
-    /// The replica's merge of `op` is on disk.
+    /// The replica's merge of `op` is on disk (the answer to a durable `Replicate`).
     Durable { op: OpId },
     /// Send me your copy of the key.
     Read {

@@ -50,7 +50,7 @@ fn start(count: usize) -> Cluster {
     for (i, id) in ids.iter().enumerate() {
         let storage = Arc::new(MemoryStorage::new());
         let (clock, _) = on_start(None, 1000 + i as u64);
-        let inbox = core_task::inbox();
+        let inbox = core_task::inbox(64 * 1024 * 1024);
         let transport = network.join(id.clone(), inbox.0.clone());
         let core = NodeCore::new(
             id.clone(),

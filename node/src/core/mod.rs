@@ -62,7 +62,7 @@ use quorumkv_client::protocol::{
 };
 use quorumkv_client::Context;
 use quorumkv_ring::{NodeId, Ring};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// The static description of the cluster every member must agree on.
@@ -155,6 +155,10 @@ pub enum Input {
     FlushFailed { reason: String },
     /// The transport could not deliver a message to `node`.
     Unreachable { node: NodeId },
+    /// The transport's send queue to `node` went over its byte bound (`congested`), or drained
+    /// back under half of it. While a replica's queue is congested, new requests that would
+    /// send to it are refused with `Overloaded`; messages already queued are never dropped.
+    PeerCongested { node: NodeId, congested: bool },
     /// Time passed; check deadlines and the failure detector.
     Tick,
 }
@@ -220,6 +224,16 @@ enum Op {
     Forward(ForwardOp),
 }
 
+impl Op {
+    fn deadline_ms(&self) -> u64 {
+        match self {
+            Op::Write(w) => w.deadline_ms,
+            Op::Read(r) => r.deadline_ms,
+            Op::Forward(f) => f.deadline_ms,
+        }
+    }
+}
+
 /// Who is waiting for a write to become durable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum DurableWaiter {
@@ -247,6 +261,12 @@ pub struct NodeCore {
     clock: ActorClock,
     detector: FailureDetector,
     ops: BTreeMap<OpId, Op>,
+    /// Every op's deadline, ordered, so the next deadline and the expired ops are found without
+    /// visiting every op in flight (the core handles an input per message; it must stay cheap
+    /// with thousands of requests in flight).
+    deadlines: BTreeSet<(u64, OpId)>,
+    /// Peers whose send queue is over its bound, as the transport last reported.
+    congested: BTreeSet<NodeId>,
     next_op: u64,
     durable_waiters: BTreeMap<WriteSeq, Vec<DurableWaiter>>,
     flush_in_flight: bool,
@@ -276,6 +296,8 @@ impl NodeCore {
             clock,
             detector,
             ops: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            congested: BTreeSet::new(),
             next_op: 1,
             durable_waiters: BTreeMap::new(),
             flush_in_flight: false,
@@ -304,12 +326,8 @@ impl NodeCore {
 
     /// When the core next needs an [`Input::Tick`] (monotonic ms), if ever.
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        let ops = self.ops.values().map(|op| match op {
-            Op::Write(w) => w.deadline_ms,
-            Op::Read(r) => r.deadline_ms,
-            Op::Forward(f) => f.deadline_ms,
-        });
-        ops.chain(self.detector.next_deadline_ms()).min()
+        let op = self.deadlines.first().map(|(deadline, _)| *deadline);
+        op.into_iter().chain(self.detector.next_deadline_ms()).min()
     }
 
     /// Handles one input, appending what the shell must do to `out`.
@@ -331,6 +349,14 @@ impl NodeCore {
                     log_transition(&transition);
                 }
                 self.on_replica_lost(&node, out);
+            }
+            Input::PeerCongested { node, congested } => {
+                if congested {
+                    tracing::debug!(peer = %node, "send queue to peer is full; admitting less");
+                    self.congested.insert(node);
+                } else {
+                    self.congested.remove(&node);
+                }
             }
             Input::Tick => self.on_tick(now, out),
         }
@@ -385,6 +411,15 @@ impl NodeCore {
             Ok(checked) => checked,
             Err(reply) => return self.answer(&origin, Response::Error(reply), out),
         };
+        if let Some(peer) = self.congested_replica(&checked.preference_list) {
+            metrics::limit_exceeded("peer_queue_bytes");
+            let message = format!(
+                "node {} cannot take more work for replica {peer} now: its send queue is full \
+                 (limit peer_queue_bytes_max); retry later",
+                self.me
+            );
+            return self.answer(&origin, error(ErrorKind::Overloaded, message), out);
+        }
         if !checked.preference_list.contains(&self.me) {
             return match origin {
                 Origin::Client(client) => self.forward(now, client, &checked, request.clone(), out),
@@ -447,6 +482,17 @@ impl NodeCore {
         if let Err(reply) = result {
             self.answer(&origin, Response::Error(reply), out);
         }
+    }
+
+    /// A replica of `list` (other than this node) that a request would send to now, but whose
+    /// send queue is full. A replica believed down gets nothing, so its queue does not count.
+    fn congested_replica<'a>(&self, list: &'a [NodeId]) -> Option<&'a NodeId> {
+        if self.congested.is_empty() {
+            return None;
+        }
+        list.iter().find(|node| {
+            **node != self.me && self.congested.contains(*node) && self.detector.is_up(node)
+        })
     }
 
     /// Validates a data request against the keyspace and the limits.
@@ -544,7 +590,7 @@ impl NodeCore {
         let deadline_ms = now
             .monotonic_ms
             .saturating_add(checked.timeout_ms.saturating_mul(2));
-        self.ops.insert(
+        self.insert_op(
             op,
             Op::Forward(ForwardOp {
                 client,
@@ -607,14 +653,19 @@ impl NodeCore {
             );
         }
         let encoded = merged.state.encode_canonical();
+        // The coordinator's own flush gives one durable acknowledgement; replicas are asked to
+        // answer after their flush only when the request needs more. A replica answers each
+        // Replicate once: `Applied` at once, or `Durable` (which also counts as applied) after
+        // its flush, never both.
+        let durable = dw > 1;
         self.fan_out(checked, &mut tally, out, || PeerMessage::Replicate {
             op,
             keyspace: checked.keyspace.to_string(),
             key: checked.key.to_vec(),
             state: encoded.clone(),
-            durable: dw > 0,
+            durable,
         });
-        self.ops.insert(
+        self.insert_op(
             op,
             Op::Write(WriteOp {
                 origin,
@@ -651,7 +702,7 @@ impl NodeCore {
             keyspace: checked.keyspace.to_string(),
             key: checked.key.to_vec(),
         });
-        self.ops.insert(
+        self.insert_op(
             op,
             Op::Read(ReadOp {
                 origin,
@@ -732,7 +783,7 @@ impl NodeCore {
                 if let Some(Op::Forward(forward)) = self.ops.get(&op) {
                     if forward.to == from {
                         let client = forward.client;
-                        self.ops.remove(&op);
+                        self.remove_op(op);
                         out.push(Output::Reply {
                             handle: client,
                             response,
@@ -811,11 +862,12 @@ impl NodeCore {
         };
         match result {
             Ok(merged) => {
-                out.push(Output::Send {
-                    to: from.clone(),
-                    message: PeerMessage::Applied { op },
-                });
-                if durable {
+                if !durable {
+                    out.push(Output::Send {
+                        to: from,
+                        message: PeerMessage::Applied { op },
+                    });
+                } else {
                     if merged.seq <= storage.durable_seq() {
                         out.push(Output::Send {
                             to: from,
@@ -974,14 +1026,9 @@ impl NodeCore {
             self.on_replica_lost(&transition.node, out);
         }
         let expired: Vec<OpId> = self
-            .ops
-            .iter()
-            .filter(|(_, op)| match op {
-                Op::Write(w) => w.deadline_ms <= now.monotonic_ms,
-                Op::Read(r) => r.deadline_ms <= now.monotonic_ms,
-                Op::Forward(f) => f.deadline_ms <= now.monotonic_ms,
-            })
-            .map(|(op, _)| *op)
+            .deadlines
+            .range(..=(now.monotonic_ms, OpId(u64::MAX)))
+            .map(|(_, op)| *op)
             .collect();
         for op in expired {
             self.expire(op, out);
@@ -1024,7 +1071,7 @@ impl NodeCore {
             }
         }
         let client = forward.client;
-        self.ops.remove(&op);
+        self.remove_op(op);
         let message = "no replica of this key answered the forwarded request".to_string();
         out.push(Output::Reply {
             handle: client,
@@ -1033,7 +1080,7 @@ impl NodeCore {
     }
 
     fn expire(&mut self, op: OpId, out: &mut Vec<Output>) {
-        match self.ops.remove(&op) {
+        match self.remove_op(op) {
             Some(Op::Write(write)) => {
                 let reply = quorum_not_reached("write", write.tally.shortfall());
                 self.answer(&write.origin, reply, out);
@@ -1071,7 +1118,7 @@ impl NodeCore {
         if verdict == Verdict::Pending || (verdict == Verdict::Failed && !quiet) {
             return;
         }
-        match self.ops.remove(&op) {
+        match self.remove_op(op) {
             Some(Op::Write(write)) => {
                 let response = match verdict {
                     Verdict::Reached => Response::Written {
@@ -1122,6 +1169,17 @@ impl NodeCore {
                 message: PeerMessage::ForwardReply { op: *op, response },
             }),
         }
+    }
+
+    fn insert_op(&mut self, id: OpId, op: Op) {
+        self.deadlines.insert((op.deadline_ms(), id));
+        self.ops.insert(id, op);
+    }
+
+    fn remove_op(&mut self, id: OpId) -> Option<Op> {
+        let op = self.ops.remove(&id)?;
+        self.deadlines.remove(&(op.deadline_ms(), id));
+        Some(op)
     }
 
     fn new_op(&mut self) -> OpId {

@@ -7,11 +7,15 @@
 //!   response frame. A malformed or oversized frame gets an `InvalidRequest` answer on that
 //!   stream and a metric; the connection and the node keep serving.
 //! * **Peer protocol.** Only node certificates are accepted; a client certificate is refused
-//!   with a close reason. The first unidirectional stream must be a `Hello` whose node id
-//!   matches the certificate and whose cluster-map fingerprint matches ours; otherwise the
-//!   connection is closed with a reason that names both fingerprints. After that, every
-//!   unidirectional stream is one peer message for the core, tagged with the certificate's
-//!   node id (never an id the message claims).
+//!   with a close reason. The first frame of the first unidirectional stream must be a `Hello`
+//!   whose node id matches the certificate and whose cluster-map fingerprint matches ours;
+//!   otherwise the connection is closed with a reason that names both fingerprints. After
+//!   that, every frame on that stream (and on any later unidirectional stream of the
+//!   connection) is one peer message for the core, tagged with the certificate's node id
+//!   (never an id the message claims). Messages go into the core's inbox in stream order; when
+//!   the inbox is over its byte budget the reader waits, and QUIC flow control slows the
+//!   sender (see `core_task`). A frame that does not decode ends that stream: the stream cannot
+//!   be trusted to be in step after it.
 
 use super::core_task::CoreHandle;
 use crate::core::Input;
@@ -134,7 +138,9 @@ async fn serve_client_stream(
         Ok(body) => match decode_body::<Request>(&body) {
             Ok(request) => {
                 let operation = operation(&request);
-                let response = core.request(request).await;
+                let response = core
+                    .request_sized(request, FRAME_HEADER_LEN + body.len())
+                    .await;
                 metrics::request(
                     operation,
                     outcome(&response),
@@ -211,8 +217,8 @@ async fn serve_peer(
     config: ListenerConfig,
     core: CoreHandle,
 ) {
-    let hello = match check_hello(&connection, &node, &config).await {
-        Ok(hello) => hello,
+    let (hello, first) = match check_hello(&connection, &node, &config).await {
+        Ok(found) => found,
         Err((code, reason)) => {
             tracing::error!(peer = %node, %reason, "peer refused");
             connection.close(code.into(), reason.as_bytes());
@@ -221,43 +227,61 @@ async fn serve_peer(
     };
     tracing::debug!(peer = %node, instance = hello.instance, "peer connected");
     (config.on_peer_hello)(&node, hello.instance);
-    let inbox = core.inbox();
-    while let Ok(mut recv) = connection.accept_uni().await {
-        let inbox = inbox.clone();
-        let node = node.clone();
-        let max = config.frame_bytes_max;
-        tokio::spawn(async move {
-            match read_frame(&mut recv, max)
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|body| decode_body::<PeerMessage>(&body).map_err(|e| e.to_string()))
-            {
-                Ok(message) => {
-                    let _ = inbox.send(Input::Peer {
-                        from: node,
-                        message,
-                    });
-                }
-                Err(reason) => {
-                    metrics::bad_frame("peer");
-                    tracing::warn!(peer = %node, %reason, "bad peer frame");
-                }
-            }
-        });
+    let max = config.frame_bytes_max;
+    tokio::spawn(read_peer_stream(first, node.clone(), core.inbox(), max));
+    while let Ok(recv) = connection.accept_uni().await {
+        tokio::spawn(read_peer_stream(recv, node.clone(), core.inbox(), max));
     }
 }
 
+/// Feeds every frame of one peer stream to the core, in order, until the stream ends.
+async fn read_peer_stream(
+    mut recv: quinn::RecvStream,
+    node: NodeId,
+    inbox: super::core_task::InboxSender,
+    max: u32,
+) {
+    loop {
+        let body = match read_frame(&mut recv, max).await {
+            Ok(body) => body,
+            Err(ReadError::Stream(_)) => return,
+            Err(e @ ReadError::Frame(_)) => return refuse_peer_stream(&mut recv, &node, &e),
+        };
+        match decode_body::<PeerMessage>(&body) {
+            Ok(message) => {
+                let input = Input::Peer {
+                    from: node.clone(),
+                    message,
+                };
+                if !inbox.send_peer(input, FRAME_HEADER_LEN + body.len()).await {
+                    return;
+                }
+            }
+            Err(e) => return refuse_peer_stream(&mut recv, &node, &e),
+        }
+    }
+}
+
+fn refuse_peer_stream(recv: &mut quinn::RecvStream, node: &NodeId, reason: &dyn std::fmt::Display) {
+    metrics::bad_frame("peer");
+    tracing::warn!(peer = %node, %reason, "bad peer frame; the rest of its stream is ignored");
+    let _ = recv.stop(quinn::VarInt::from_u32(1));
+}
+
+/// Waits for the first stream of a peer connection and checks the hello at its start. Returns
+/// the hello and the stream, which goes on to carry the peer's messages.
 async fn check_hello(
     connection: &quinn::Connection,
     node: &NodeId,
     config: &ListenerConfig,
-) -> Result<Hello, (u32, String)> {
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
+) -> Result<(Hello, quinn::RecvStream), (u32, String)> {
+    let (hello, recv) = tokio::time::timeout(HELLO_TIMEOUT, async {
         let mut recv = connection.accept_uni().await.map_err(|e| e.to_string())?;
         let body = read_frame(&mut recv, config.frame_bytes_max)
             .await
             .map_err(|e| e.to_string())?;
-        decode_body::<Hello>(&body).map_err(|e| e.to_string())
+        let hello = decode_body::<Hello>(&body).map_err(|e| e.to_string())?;
+        Ok::<_, String>((hello, recv))
     })
     .await
     .map_err(|_| "no hello in time".to_string())
@@ -290,7 +314,7 @@ async fn check_hello(
             ),
         ));
     }
-    Ok(hello)
+    Ok((hello, recv))
 }
 
 // ----- frames --------------------------------------------------------------------------------

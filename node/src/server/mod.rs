@@ -125,7 +125,7 @@ pub async fn run(
 
     let clock_origin = Instant::now();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let inbox = core_task::inbox();
+    let inbox = core_task::inbox(config.limits.inbox_bytes_max);
     let peers = map
         .addresses
         .iter()
@@ -144,6 +144,7 @@ pub async fn run(
             client_config: peer_client,
             connect_timeout: Duration::from_millis(config.timeouts.connect_timeout_ms),
             frame_bytes_max: config.limits.frame_bytes_max,
+            queue_bytes_max: config.limits.peer_queue_bytes_max,
         },
         peers,
         inbox.0.clone(),

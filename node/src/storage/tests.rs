@@ -812,7 +812,8 @@ fn sled_writes_the_format_marker_and_refuses_another_version() {
         let meta = db.open_tree("meta").unwrap();
         let marker = meta.get(b"format").unwrap().unwrap();
         assert_eq!(marker.as_ref(), &FORMAT_VERSION.to_be_bytes());
-        meta.insert(b"format", &(FORMAT_VERSION + 1).to_be_bytes()).unwrap();
+        meta.insert(b"format", &(FORMAT_VERSION + 1).to_be_bytes())
+            .unwrap();
         db.flush().unwrap();
     }
     let err = try_open_sled(dir.path()).unwrap_err();

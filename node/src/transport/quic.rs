@@ -6,11 +6,28 @@
 //! connection carries [`Hello`]: our id and our cluster-map fingerprint; the peer refuses the
 //! connection (closing it with a reason naming both fingerprints) if either is wrong.
 //!
-//! Every message then travels on its own unidirectional stream as one frame. A queue per peer
-//! decouples the core from the network: [`Transport::send`] never blocks. When the queue is
-//! full, the connection cannot be made, or a write fails, the message is dropped and the core
-//! hears `Input::Unreachable`, so requests waiting on that peer fail fast instead of hanging.
-//! QUIC's per-connection stream limit is the backpressure between two nodes.
+//! After the hello, the same unidirectional stream carries every message to that peer, one
+//! frame after another, for the life of the connection. Opening a stream per message would cost
+//! a stream handshake, a task on each side and often a packet of its own; one long-lived stream
+//! lets many messages share a packet, and delivers them in the order they were sent.
+//!
+//! # Queues and backpressure
+//!
+//! [`Transport::send`] never blocks: it encodes the message (so the frame's size is known and
+//! an encoding failure is reported at once) and appends it to the peer's queue, which a sender
+//! task drains, writing whatever has accumulated in one go. A queue is never cut short: a
+//! message the core handed over is written unless the connection fails. Instead, the queue is
+//! bounded in bytes through the core: when a peer's queued bytes reach `queue_bytes_max` the
+//! transport tells the core (`Input::PeerCongested`), which then refuses new requests that
+//! would send to that peer with `Overloaded`, until the queue drains below half the bound. Work
+//! already admitted (replica answers, replication of acknowledged writes) always goes through.
+//! Between the nodes, QUIC flow control is the backpressure: a receiver whose core is behind
+//! stops reading (see the inbox budget in `crate::server::core_task`), so the sender's writes
+//! wait and its queue grows until the core stops admitting work.
+//!
+//! When the connection cannot be made or a write fails, the messages of that attempt are lost
+//! and the core hears `Input::Unreachable`, so requests waiting on that peer fail fast instead
+//! of hanging.
 //!
 //! Incoming connections are accepted by the server (see `crate::server`), which checks the
 //! certificate identity and the hello and feeds messages to the core. When a hello arrives
@@ -25,21 +42,24 @@
 use super::Transport;
 use crate::certs::node_dns_name;
 use crate::core::Input;
+use crate::metrics;
 use crate::peer::{Hello, PeerMessage};
+use crate::server::core_task::InboxSender;
 use quorumkv_client::frame::encode_frame;
 use quorumkv_ring::NodeId;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-/// Messages queued per peer before sends start failing.
-const QUEUE_DEPTH: usize = 4096;
-
 /// After a failed dial, sends fail at once for this long instead of dialing again per message;
 /// the failure detector's pings keep probing.
 const REDIAL_BACKOFF: Duration = Duration::from_millis(250);
+
+/// A sender task writes at most this many queued bytes per batch before it accounts for them,
+/// so congestion clears promptly while a long queue drains.
+const BATCH_BYTES_MAX: usize = 256 * 1024;
 
 /// What a sender task needs to reach one peer.
 #[derive(Clone, Debug)]
@@ -59,16 +79,70 @@ pub struct QuicTransportConfig {
     pub client_config: quinn::ClientConfig,
     pub connect_timeout: Duration,
     pub frame_bytes_max: u32,
+    /// Bytes queued to one peer at which the core stops admitting work that needs it.
+    pub queue_bytes_max: usize,
 }
 
 /// The QUIC implementation of [`Transport`].
 #[derive(Debug)]
 pub struct QuicTransport {
-    queues: BTreeMap<NodeId, mpsc::Sender<PeerMessage>>,
-    redials: BTreeMap<NodeId, Arc<Notify>>,
+    links: BTreeMap<NodeId, Arc<PeerLink>>,
     /// The instance id each peer last said hello with.
-    instances: std::sync::Mutex<BTreeMap<NodeId, u64>>,
-    inbox: mpsc::UnboundedSender<Input>,
+    instances: Mutex<BTreeMap<NodeId, u64>>,
+    inbox: InboxSender,
+    frame_bytes_max: u32,
+}
+
+/// The core's side of one peer's queue.
+#[derive(Debug)]
+struct PeerLink {
+    id: NodeId,
+    frames: mpsc::UnboundedSender<Vec<u8>>,
+    pressure: Mutex<Pressure>,
+    queue_bytes_max: usize,
+    redial: Notify,
+    inbox: InboxSender,
+}
+
+/// Bytes queued to a peer, and whether the core was told the queue is congested.
+#[derive(Debug, Default)]
+struct Pressure {
+    bytes: usize,
+    congested: bool,
+}
+
+impl PeerLink {
+    fn pressure(&self) -> MutexGuard<'_, Pressure> {
+        self.pressure.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts `bytes` more queued; tells the core when the queue crosses its bound.
+    fn add(&self, bytes: usize) {
+        let mut pressure = self.pressure();
+        pressure.bytes += bytes;
+        if !pressure.congested && pressure.bytes >= self.queue_bytes_max {
+            pressure.congested = true;
+            self.report(true);
+        }
+    }
+
+    /// Counts `bytes` written (or lost); tells the core once the queue is below half its bound.
+    fn remove(&self, bytes: usize) {
+        let mut pressure = self.pressure();
+        pressure.bytes = pressure.bytes.saturating_sub(bytes);
+        if pressure.congested && pressure.bytes < self.queue_bytes_max / 2 {
+            pressure.congested = false;
+            self.report(false);
+        }
+        metrics::peer_queue_bytes(self.id.as_str(), pressure.bytes);
+    }
+
+    fn report(&self, congested: bool) {
+        self.inbox.send(Input::PeerCongested {
+            node: self.id.clone(),
+            congested,
+        });
+    }
 }
 
 impl QuicTransport {
@@ -77,32 +151,36 @@ impl QuicTransport {
         endpoint: quinn::Endpoint,
         config: QuicTransportConfig,
         peers: Vec<PeerRoute>,
-        inbox: mpsc::UnboundedSender<Input>,
+        inbox: InboxSender,
     ) -> QuicTransport {
         let config = Arc::new(config);
-        let mut queues = BTreeMap::new();
-        let mut redials = BTreeMap::new();
+        let mut links = BTreeMap::new();
         for peer in peers {
-            let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-            let redial = Arc::new(Notify::new());
-            queues.insert(peer.id.clone(), tx);
-            redials.insert(peer.id.clone(), redial.clone());
+            let (tx, rx) = mpsc::unbounded_channel();
+            let link = Arc::new(PeerLink {
+                id: peer.id.clone(),
+                frames: tx,
+                pressure: Mutex::default(),
+                queue_bytes_max: config.queue_bytes_max.max(1),
+                redial: Notify::new(),
+                inbox: inbox.clone(),
+            });
+            links.insert(peer.id.clone(), link.clone());
             let sender = PeerSender {
                 endpoint: endpoint.clone(),
                 config: config.clone(),
                 peer,
-                inbox: inbox.clone(),
+                link,
                 connection: None,
                 dial_failed_at: None,
-                redial,
             };
             tokio::spawn(sender.run(rx));
         }
         QuicTransport {
-            queues,
-            redials,
-            instances: std::sync::Mutex::default(),
+            links,
+            instances: Mutex::default(),
             inbox,
+            frame_bytes_max: config.frame_bytes_max,
         }
     }
 
@@ -114,109 +192,145 @@ impl QuicTransport {
         let mut instances = self
             .instances
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+            .unwrap_or_else(PoisonError::into_inner);
         if instances.insert(node.clone(), instance) == Some(instance) {
             return;
         }
-        if let Some(redial) = self.redials.get(node) {
-            redial.notify_one();
+        if let Some(link) = self.links.get(node) {
+            link.redial.notify_one();
         }
     }
 }
 
 impl Transport for QuicTransport {
     fn send(&self, to: &NodeId, message: PeerMessage) {
-        let queued = self
-            .queues
-            .get(to)
-            .is_some_and(|queue| queue.try_send(message).is_ok());
-        if !queued {
-            tracing::debug!(peer = %to, "peer queue full or unknown; message dropped");
-            let _ = self.inbox.send(Input::Unreachable { node: to.clone() });
+        let Some(link) = self.links.get(to) else {
+            tracing::warn!(peer = %to, kind = message.kind(), "message for an unknown peer dropped");
+            self.inbox.send(Input::Unreachable { node: to.clone() });
+            return;
+        };
+        let frame = match encode_frame(&message, self.frame_bytes_max) {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::warn!(peer = %to, kind = message.kind(), error = %e, "message does not encode; dropped");
+                self.inbox.send(Input::Unreachable { node: to.clone() });
+                return;
+            }
+        };
+        let bytes = frame.len();
+        link.add(bytes);
+        if link.frames.send(frame).is_err() {
+            // The sender task is gone: the node is stopping.
+            link.remove(bytes);
         }
     }
 }
 
-/// Owns the outgoing connection to one peer.
+/// Owns the outgoing connection to one peer and the stream every message travels on.
 struct PeerSender {
     endpoint: quinn::Endpoint,
     config: Arc<QuicTransportConfig>,
     peer: PeerRoute,
-    inbox: mpsc::UnboundedSender<Input>,
-    connection: Option<quinn::Connection>,
+    link: Arc<PeerLink>,
+    connection: Option<(quinn::Connection, quinn::SendStream)>,
     dial_failed_at: Option<Instant>,
-    redial: Arc<Notify>,
 }
 
 impl PeerSender {
-    async fn run(mut self, mut queue: mpsc::Receiver<PeerMessage>) {
+    async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Vec<u8>>) {
+        let mut batch: Vec<Vec<u8>> = Vec::new();
         loop {
-            let message = tokio::select! {
-                message = queue.recv() => match message {
-                    Some(message) => message,
+            let first = tokio::select! {
+                frame = queue.recv() => match frame {
+                    Some(frame) => frame,
                     None => return,
                 },
-                _ = self.redial.notified() => {
+                _ = self.link.redial.notified() => {
                     self.forget_connection("the peer connected to us anew");
                     continue;
                 }
             };
-            if let Err(reason) = self.deliver(&message).await {
-                tracing::debug!(peer = %self.peer.id, kind = message.kind(), %reason, "send failed");
-                let _ = self.inbox.send(Input::Unreachable {
+            let mut bytes = first.len();
+            batch.push(first);
+            while bytes < BATCH_BYTES_MAX {
+                match queue.try_recv() {
+                    Ok(frame) => {
+                        bytes += frame.len();
+                        batch.push(frame);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let result = self.deliver(&batch).await;
+            self.link.remove(bytes);
+            if let Err(reason) = result {
+                tracing::debug!(peer = %self.peer.id, messages = batch.len(), %reason, "send failed");
+                self.link.inbox.send(Input::Unreachable {
                     node: self.peer.id.clone(),
                 });
             }
+            batch.clear();
         }
     }
 
-    async fn deliver(&mut self, message: &PeerMessage) -> Result<(), String> {
-        let frame =
-            encode_frame(message, self.config.frame_bytes_max).map_err(|e| e.to_string())?;
-        let connection = self.connection().await?;
-        let result = write_stream(&connection, &frame).await;
+    async fn deliver(&mut self, frames: &[Vec<u8>]) -> Result<(), String> {
+        let stream = self.stream().await?;
+        let mut result = Ok(());
+        for frame in frames {
+            if let Err(e) = stream.write_all(frame).await {
+                result = Err(e.to_string());
+                break;
+            }
+        }
         if result.is_err() {
             self.connection = None;
         }
         result
     }
 
-    async fn connection(&mut self) -> Result<quinn::Connection, String> {
-        if let Some(connection) = &self.connection {
-            if connection.close_reason().is_none() {
-                return Ok(connection.clone());
+    /// The stream to the peer, dialing (and saying hello) first if there is none.
+    async fn stream(&mut self) -> Result<&mut quinn::SendStream, String> {
+        let usable = self
+            .connection
+            .as_ref()
+            .is_some_and(|(connection, _)| connection.close_reason().is_none());
+        if !usable {
+            if let Some((connection, _)) = self.connection.take() {
+                if let Some(reason) = connection.close_reason() {
+                    tracing::warn!(peer = %self.peer.id, %reason, "connection to peer closed");
+                }
             }
-            if let Some(reason) = connection.close_reason() {
-                tracing::warn!(peer = %self.peer.id, %reason, "connection to peer closed");
+            if let Some(failed_at) = self.dial_failed_at {
+                if failed_at.elapsed() < REDIAL_BACKOFF {
+                    return Err("recent dial failed; backing off".into());
+                }
             }
-            self.connection = None;
+            // A dial to a peer that is not listening yet waits for the connect timeout; if the
+            // peer connects to us meanwhile it is up, so start over instead of waiting that out.
+            let dialed = tokio::select! {
+                dialed = self.dial() => dialed,
+                _ = self.link.redial.notified() => self.dial().await,
+            };
+            match dialed {
+                Ok(link) => {
+                    self.dial_failed_at = None;
+                    self.connection = Some(link);
+                }
+                Err(reason) => {
+                    self.dial_failed_at = Some(Instant::now());
+                    tracing::debug!(peer = %self.peer.id, %reason, "dial failed");
+                    return Err(reason);
+                }
+            }
         }
-        if let Some(failed_at) = self.dial_failed_at {
-            if failed_at.elapsed() < REDIAL_BACKOFF {
-                return Err("recent dial failed; backing off".into());
-            }
-        }
-        // A dial to a peer that is not listening yet waits for the connect timeout; if the peer
-        // connects to us meanwhile it is up, so start over instead of waiting that out.
-        let dialed = tokio::select! {
-            dialed = self.dial() => dialed,
-            _ = self.redial.notified() => self.dial().await,
-        };
-        match dialed {
-            Ok(connection) => {
-                self.dial_failed_at = None;
-                self.connection = Some(connection.clone());
-                Ok(connection)
-            }
-            Err(reason) => {
-                self.dial_failed_at = Some(Instant::now());
-                tracing::debug!(peer = %self.peer.id, %reason, "dial failed");
-                Err(reason)
-            }
+        match &mut self.connection {
+            Some((_, stream)) => Ok(stream),
+            None => Err("no connection".into()),
         }
     }
 
-    async fn dial(&self) -> Result<quinn::Connection, String> {
+    /// Connects, opens the message stream and writes the hello on it.
+    async fn dial(&self) -> Result<(quinn::Connection, quinn::SendStream), String> {
         let address = tokio::net::lookup_host(&self.peer.address)
             .await
             .map_err(|e| format!("resolving {}: {e}", self.peer.address))?
@@ -237,26 +351,18 @@ impl PeerSender {
             instance: self.config.instance,
         };
         let frame = encode_frame(&hello, self.config.frame_bytes_max).map_err(|e| e.to_string())?;
-        write_stream(&connection, &frame).await?;
-        Ok(connection)
+        let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
+        stream.write_all(&frame).await.map_err(|e| e.to_string())?;
+        Ok((connection, stream))
     }
-}
 
-impl PeerSender {
     /// Drops the outgoing connection (closing it) and any dial back-off, so the next message
     /// dials afresh.
     fn forget_connection(&mut self, why: &str) {
-        if let Some(connection) = self.connection.take() {
+        if let Some((connection, _)) = self.connection.take() {
             tracing::debug!(peer = %self.peer.id, %why, "replacing the connection to a peer");
             connection.close(quinn::VarInt::from_u32(0), why.as_bytes());
         }
         self.dial_failed_at = None;
     }
-}
-
-async fn write_stream(connection: &quinn::Connection, frame: &[u8]) -> Result<(), String> {
-    let mut stream = connection.open_uni().await.map_err(|e| e.to_string())?;
-    stream.write_all(frame).await.map_err(|e| e.to_string())?;
-    stream.finish().map_err(|e| e.to_string())?;
-    Ok(())
 }
