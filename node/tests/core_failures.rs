@@ -2,6 +2,7 @@
 
 use quorumkv_client::protocol::{ErrorKind, Request, RequestId, Response, WriteOptions};
 use quorumkv_node::core::{ClientHandle, ClusterMap, CoreConfig, Input, NodeCore, Now, Output};
+use quorumkv_node::peer::{OpId, PeerMessage};
 use quorumkv_node::storage::memory::MemoryStorage;
 use quorumkv_node::version_vector::on_start;
 use quorumkv_ring::{Node, NodeId, Ring, RingConfig, Zone};
@@ -153,4 +154,147 @@ fn the_deadline_bounds_every_request() {
         Some(Response::Error(error)) => assert_eq!(error.kind, ErrorKind::QuorumNotReached),
         other => panic!("expected a quorum error at the deadline, got {other:?}"),
     }
+}
+
+/// Node n1 of three, N = 3: every key's preference list holds all three.
+fn three_nodes() -> (NodeCore, MemoryStorage) {
+    let ids: Vec<NodeId> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|name| NodeId::new(*name).expect("valid id"))
+        .collect();
+    let members = ids
+        .iter()
+        .map(|id| Node::new(id.clone(), Zone::new("z").expect("zone"), 1).expect("node"));
+    let ring = Ring::build(RingConfig::new(16, 3).expect("config"), members).expect("ring");
+    let map = Arc::new(ClusterMap {
+        ring,
+        keyspaces: [("default".to_string(), 3u8)].into_iter().collect(),
+        addresses: ids
+            .iter()
+            .map(|id| (id.clone(), format!("{id}:1")))
+            .collect(),
+    });
+    let (clock, _) = on_start(None, 7);
+    let now = Now {
+        monotonic_ms: 0,
+        wall_ms: 0,
+    };
+    let core = NodeCore::new(ids[0].clone(), map, CoreConfig::default(), clock, now);
+    (core, MemoryStorage::new())
+}
+
+/// While the transport's queue to a replica is over its bound, new requests that would send
+/// to it are refused with `Overloaded` (nothing is queued for them); once it drains they are
+/// served again. Messages already queued are the transport's to deliver, never dropped.
+#[test]
+fn a_congested_replica_makes_new_requests_overloaded_until_it_drains() {
+    let (mut core, storage) = three_nodes();
+    let now = Now {
+        monotonic_ms: 1,
+        wall_ms: 1,
+    };
+    let n2 = NodeId::new("n2").expect("valid id");
+    let mut out = Vec::new();
+    let congested = |congested| Input::PeerCongested {
+        node: n2.clone(),
+        congested,
+    };
+    core.handle(now, congested(true), &storage, &mut out);
+    core.handle(
+        now,
+        Input::Client {
+            handle: ClientHandle(1),
+            request: durable_put("k"),
+        },
+        &storage,
+        &mut out,
+    );
+    match reply(&out) {
+        Some(Response::Error(error)) => {
+            assert_eq!(error.kind, ErrorKind::Overloaded);
+            assert!(error.message.contains("n2"), "{}", error.message);
+        }
+        other => panic!("expected Overloaded, got {other:?}"),
+    }
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Send { .. })),
+        "a refused request sends nothing: {out:?}"
+    );
+    assert_eq!(core.in_flight(), 0);
+
+    out.clear();
+    core.handle(now, congested(false), &storage, &mut out);
+    core.handle(
+        now,
+        Input::Client {
+            handle: ClientHandle(2),
+            request: durable_put("k"),
+        },
+        &storage,
+        &mut out,
+    );
+    assert!(reply(&out).is_none(), "{out:?}");
+    let replicated_to: Vec<&NodeId> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Send { to, .. } => Some(to),
+            _ => None,
+        })
+        .collect();
+    assert!(replicated_to.contains(&&n2), "{out:?}");
+}
+
+/// A replica answers a durable replicate once, after its flush, with `Durable` alone; a
+/// non-durable one at once with `Applied`.
+#[test]
+fn a_replica_answers_each_write_once() {
+    let (mut core, storage) = three_nodes();
+    let now = Now {
+        monotonic_ms: 1,
+        wall_ms: 1,
+    };
+    let n2 = NodeId::new("n2").expect("valid id");
+    let mut state = quorumkv_node::version_vector::KeyState::new();
+    state
+        .update(
+            &quorumkv_node::version_vector::CausalContext::new(),
+            quorumkv_node::version_vector::Dot::new(quorumkv_node::version_vector::Actor(3), 1),
+            quorumkv_node::version_vector::RequestId([3; 16]),
+            1,
+            Some(b"v".to_vec()),
+        )
+        .expect("fresh dot");
+    let replicate = |op, durable| Input::Peer {
+        from: n2.clone(),
+        message: PeerMessage::Replicate {
+            op: OpId(op),
+            keyspace: "default".into(),
+            key: b"k".to_vec(),
+            state: state.encode_canonical(),
+            durable,
+        },
+    };
+    let answers = |out: &[Output]| -> Vec<String> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send { message, .. } => Some(message.kind().to_string()),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut out = Vec::new();
+    core.handle(now, replicate(1, false), &storage, &mut out);
+    assert_eq!(answers(&out), ["applied"]);
+
+    out.clear();
+    core.handle(now, replicate(2, true), &storage, &mut out);
+    assert!(
+        answers(&out).is_empty(),
+        "nothing before the flush: {out:?}"
+    );
+    assert!(out.iter().any(|o| matches!(o, Output::Flush)));
+    out.clear();
+    let through = quorumkv_node::storage::Storage::flush(&storage).expect("memory flush");
+    core.handle(now, Input::Flushed { through }, &storage, &mut out);
+    assert_eq!(answers(&out), ["durable"]);
 }

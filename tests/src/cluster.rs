@@ -868,6 +868,13 @@ impl TestCluster {
         }
     }
 
+    /// The process id of node `index`, which must be running.
+    pub fn pid(&self, index: usize) -> nix::unistd::Pid {
+        self.process(index)
+            .pid()
+            .unwrap_or_else(|| panic!("node {index} was reaped"))
+    }
+
     /// SIGSTOP node `index`: it stays alive but does nothing until [`TestCluster::resume`].
     pub fn pause(&mut self, index: usize) {
         self.process(index)

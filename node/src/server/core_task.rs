@@ -161,7 +161,7 @@ impl InboxSender {
 }
 
 impl InboxReceiver {
-    async fn recv(&mut self) -> Option<Input> {
+    pub(crate) async fn recv(&mut self) -> Option<Input> {
         let envelope = self.rx.recv().await?;
         self.queued.fetch_sub(1, Ordering::Relaxed);
         // Dropping the envelope's permit returns its bytes to the budget: the core holds the
@@ -381,5 +381,76 @@ async fn flusher(
         if !inbox.send(input) {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quorumkv_client::protocol::ReadOptions;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    fn handle(inbox: InboxSender) -> CoreHandle {
+        CoreHandle {
+            inbox,
+            pending: Pending::default(),
+            next_handle: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    fn get() -> Request {
+        Request::Get {
+            keyspace: "default".into(),
+            key: b"k".to_vec(),
+            options: ReadOptions::default(),
+        }
+    }
+
+    /// Polls `future` once, without a runtime that could make progress elsewhere.
+    fn poll_once<F: Future>(future: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+        future.poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[tokio::test]
+    async fn a_full_inbox_refuses_client_requests_and_holds_peer_messages_back() {
+        let (tx, mut rx) = inbox(1000);
+        let peer = || Input::Peer {
+            from: quorumkv_ring::NodeId::new("n2").expect("id"),
+            message: crate::peer::PeerMessage::Pong { nonce: 1 },
+        };
+        assert!(tx.send_peer(peer(), 900).await);
+
+        // 900 of 1000 bytes are taken: a 200-byte client request is refused at once.
+        match handle(tx.clone()).request_sized(get(), 200).await {
+            Response::Error(e) => {
+                assert_eq!(e.kind, ErrorKind::Overloaded);
+                assert!(
+                    e.message.contains("inbox_bytes_max = 1000"),
+                    "{}",
+                    e.message
+                );
+            }
+            other => panic!("expected Overloaded, got {other:?}"),
+        }
+        // A 200-byte peer message waits instead...
+        let waiting = tx.send_peer(peer(), 200);
+        let mut waiting = pin!(waiting);
+        assert!(poll_once(waiting.as_mut()).is_pending());
+        // ...until the core takes the first message out and its bytes return to the budget.
+        assert!(rx.recv().await.is_some());
+        assert!(waiting.await);
+        // The node's own reports always get in, budget or not.
+        assert!(tx.send(Input::Tick));
+        assert_eq!(tx.queued(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_message_larger_than_the_budget_waits_for_an_empty_inbox_not_forever() {
+        let (tx, mut rx) = inbox(100);
+        assert!(tx.send_peer(Input::Tick, 5_000).await);
+        assert!(rx.recv().await.is_some());
+        assert!(tx.send_peer(Input::Tick, 5_000).await);
     }
 }

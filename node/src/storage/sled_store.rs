@@ -201,6 +201,16 @@ impl SledStorage {
         Ok(tree)
     }
 
+    /// How many of sled's blob files the last flush found synced (for tests).
+    #[cfg(test)]
+    pub(super) fn synced_blob_count(&self) -> usize {
+        self.sync
+            .synced_blobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
     fn aux_tree(&self, table: AuxTable) -> &sled::Tree {
         match table {
             AuxTable::Hints => &self.hints,

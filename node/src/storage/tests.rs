@@ -831,6 +831,29 @@ fn sled_writes_the_format_marker_and_refuses_another_version() {
 }
 
 #[test]
+fn sled_flush_syncs_the_blob_files_of_states_too_large_for_the_log() {
+    // A state above sled's blob threshold (a quarter of SEGMENT_BYTES) lives in its own file,
+    // which sled never syncs; the flush must, and the state must read back after a reopen.
+    let dir = tempfile::tempdir().unwrap();
+    let big = vec![b'x'; SEGMENT_BYTES / 4 + 1024];
+    let mut state = KeyState::new();
+    let dot = Dot::new(Actor(9), 1);
+    state
+        .update(&CausalContext::new(), dot, RequestId([9; 16]), 1, Some(big))
+        .unwrap();
+    {
+        let storage = open_sled(dir.path());
+        storage.merge("alpha", b"big", &state, &[]).unwrap();
+        storage.flush().unwrap();
+        let blobs = std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
+        assert!(blobs >= 1, "the state was expected to go to a blob file");
+        assert_eq!(storage.synced_blob_count(), blobs);
+    }
+    let storage = open_sled(dir.path());
+    assert_eq!(storage.read("alpha", b"big").unwrap(), Some(state));
+}
+
+#[test]
 fn sled_refuses_a_format_1_directory_by_name() {
     // Format 1 used sled's default log segments; sled itself refuses the directory before the
     // marker can be read, and the error must still say "format", not "corrupt".

@@ -366,3 +366,46 @@ impl PeerSender {
         self.dial_failed_at = None;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::core_task;
+
+    #[tokio::test]
+    async fn congestion_is_reported_at_the_bound_and_cleared_below_half_of_it() {
+        let (inbox, mut reports) = core_task::inbox(1 << 20);
+        let (frames, _unsent) = mpsc::unbounded_channel();
+        let link = PeerLink {
+            id: NodeId::new("n2").expect("id"),
+            frames,
+            pressure: Mutex::default(),
+            queue_bytes_max: 100,
+            redial: Notify::new(),
+            inbox: inbox.clone(),
+        };
+        link.add(60);
+        assert_eq!(inbox.queued(), 0, "under the bound: nothing to report");
+        link.add(50);
+        link.add(50);
+        assert_eq!(inbox.queued(), 1, "one report per crossing");
+        match reports.recv().await {
+            Some(Input::PeerCongested { node, congested }) => {
+                assert_eq!(node.as_str(), "n2");
+                assert!(congested);
+            }
+            other => panic!("expected a congestion report, got {other:?}"),
+        }
+        link.remove(100);
+        assert_eq!(
+            inbox.queued(),
+            0,
+            "60 bytes left: still at or over half the bound"
+        );
+        link.remove(20);
+        match reports.recv().await {
+            Some(Input::PeerCongested { congested, .. }) => assert!(!congested),
+            other => panic!("expected the all-clear, got {other:?}"),
+        }
+    }
+}
