@@ -2,12 +2,13 @@
 //!
 //! Peers talk over QUIC connections negotiated with the peer ALPN (`crate::tls::PEER_ALPN`) and mutually
 //! authenticated with node certificates. Each message travels as one frame (see
-//! `quorumkv_client::frame`) on its own unidirectional stream, so a slow message never blocks
-//! another and QUIC's stream limit is the backpressure. Messages are fire-and-forget: requests
+//! `quorumkv_client::frame`); a node sends all its messages to one peer on one long-lived
+//! unidirectional stream, in order, so many share a packet (see `crate::transport::quic`), and
+//! QUIC flow control is the backpressure. Messages are fire-and-forget: requests
 //! and their answers are matched by the sender's [`OpId`], and a lost answer shows up as a
 //! timeout in the coordinator, never as a hang.
 //!
-//! The first frame on every new connection is [`Hello`]: the dialing node names itself and the
+//! The first frame of every new connection's stream is [`Hello`]: the dialing node names itself and the
 //! fingerprint of the cluster map it runs with. The accepting node refuses a peer whose claimed
 //! id differs from its certificate's, or whose fingerprint differs from its own, and says both
 //! fingerprints in the close reason, so a misconfigured member is found at connect time rather

@@ -20,8 +20,11 @@
 //!    incarnation's clock and applies the update: the new value replaces exactly the siblings
 //!    the context covers. The result goes through the one write path, [`Storage::merge`].
 //! 3. It sends the merged state to the other N − 1 replicas ([`PeerMessage::Replicate`]); each
-//!    merges it and answers `Applied`, then `Durable` once flushed if the request asked for
-//!    durability. Replicas the failure detector believes down count as failed at once.
+//!    merges it and answers once: `Applied` at once, or, when the write needs durable answers
+//!    from other replicas (`dw` > 1; the coordinator's own flush is the first), `Durable` after
+//!    its flush. Replicas the failure detector believes down count as failed at once, and a
+//!    request that would send to a replica whose send queue is full is refused `Overloaded`
+//!    before it starts (`Input::PeerCongested`).
 //! 4. A [`Tally`] counts the answers. The reply goes out as soon as W replicas applied and `dw`
 //!    of them are durable. Once that has become impossible (replicas failed or are known down)
 //!    the coordinator stops waiting for the dead and answers as soon as the live replicas have,

@@ -7,7 +7,8 @@
 //! the failure detector and fails the requests waiting on that peer.
 //!
 //! Two implementations exist: [`quic`] (the real one: one quinn endpoint per node, mutual TLS,
-//! one unidirectional stream per message) and [`memory`] (tokio channels between nodes of one
+//! one long-lived unidirectional stream per peer, queues bounded in bytes through the core)
+//! and [`memory`] (tokio channels between nodes of one
 //! process, for in-process tests of the shell). The deterministic simulation bypasses both and
 //! moves messages itself.
 
