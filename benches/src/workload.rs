@@ -274,7 +274,12 @@ pub async fn drive<T: Target>(
         window_start = Instant::now();
     }
     bar.set_message("measuring");
-    let deadline = plan.duration.map(|duration| window_start + duration);
+    // Without a duration the window ends when the ops budget is spent; the timer never fires.
+    let window = plan
+        .duration
+        .unwrap_or(Duration::from_secs(365 * 24 * 3600));
+    let deadline = tokio::time::sleep_until((window_start + window).into());
+    tokio::pin!(deadline);
     let mut stats = Stats::default();
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
     loop {
@@ -283,12 +288,10 @@ pub async fn drive<T: Target>(
                 Some(result) => stats.merge(result?),
                 None => break,
             },
-            _ = ticker.tick() => {
-                bar.set_position(shared.finished.load(Ordering::Relaxed));
-                if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
-                    shared.phase.store(STOP, Ordering::SeqCst);
-                }
+            () = &mut deadline, if shared.phase.load(Ordering::Relaxed) != STOP => {
+                shared.phase.store(STOP, Ordering::SeqCst);
             }
+            _ = ticker.tick() => bar.set_position(shared.finished.load(Ordering::Relaxed)),
         }
     }
     let elapsed = window_start.elapsed();
