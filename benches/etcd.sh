@@ -5,9 +5,9 @@
 #   DURATION=5 benches/etcd.sh      # shorter measurements
 #
 # What it does:
-#   1. installs Debian's etcd-server, etcd-client and protobuf-compiler if missing (the
-#      etcd-client crate compiles etcd's .proto files at build time, so the bench's `etcd`
-#      feature needs protoc). The Debian package may start a system etcd on port 2379; it is
+#   1. installs Debian's etcd-server, etcd-client, protobuf-compiler and libprotobuf-dev if
+#      missing (the etcd-client crate compiles etcd's .proto files at build time, so the
+#      bench's `etcd` feature needs protoc and its well-known types). The Debian package may start a system etcd on port 2379; it is
 #      stopped and disabled, and this cluster uses other ports anyway.
 #   2. builds quorumkv-bench with `--features etcd` (release profile).
 #   3. starts members e1..e3 on 127.0.0.1 (client ports ETCD_BASE_PORT+1..3, peer ports
@@ -30,6 +30,9 @@ etcd_install() {
     command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
     command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
     command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+    # protoc's well-known types (google/protobuf/descriptor.proto, ...), which etcd's .proto
+    # files import; Debian ships them apart from the compiler.
+    [[ -f /usr/include/google/protobuf/descriptor.proto ]] || missing+=(libprotobuf-dev)
     if ((${#missing[@]})); then
         echo "installing ${missing[*]}" >&2
         export DEBIAN_FRONTEND=noninteractive

@@ -15,10 +15,11 @@
 //! QuorumKV's `dw >= 1` with W = majority. Keys and values are the same bytes as in `run`.
 //!
 //! The client is the `etcd-client` crate (gRPC), built only with the cargo feature `etcd`:
-//! it compiles etcd's protobuf files at build time and so needs `protoc` (Debian:
-//! `protobuf-compiler`), which the default build and CI do not have. `benches/etcd.sh`
-//! installs protoc and etcd, starts a three-member cluster on loopback and builds with
-//! `--features etcd`. Errors count as `etcd_<kind>` (`etcd_grpc_unavailable`, ...).
+//! it compiles etcd's protobuf files at build time and so needs `protoc` and its well-known
+//! types (Debian: `protobuf-compiler`, `libprotobuf-dev`), which the default build and CI do
+//! not have. `benches/etcd.sh` installs them and etcd, starts a three-member cluster on
+//! loopback and builds with `--features etcd`. Errors count as `etcd_<kind>`
+//! (`etcd_grpc_unavailable`, ...).
 
 use crate::cli::{LoadArgs, Output};
 use crate::report::Report;
@@ -42,6 +43,10 @@ pub struct EtcdArgs {
     /// First write every record once, concurrently and unmeasured.
     #[arg(long)]
     pub load: bool,
+    /// Writers in flight during --load (independent of --concurrency, so that a
+    /// concurrency-1 measurement does not load its records one at a time).
+    #[arg(long, default_value_t = 64)]
+    pub load_concurrency: usize,
     /// Updates write without reading first.
     #[arg(long)]
     pub blind: bool,
@@ -72,19 +77,30 @@ mod with_client {
     use std::sync::Arc;
 
     /// Requests through one shared gRPC channel (as `run` shares one client).
-    #[derive(Debug)]
     struct Etcd {
         client: etcd_client::Client,
         value: Vec<u8>,
         blind: bool,
     }
 
+    impl std::fmt::Debug for Etcd {
+        /// `etcd_client::Client` has no `Debug`.
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Etcd")
+                .field("value_bytes", &self.value.len())
+                .field("blind", &self.blind)
+                .finish_non_exhaustive()
+        }
+    }
+
     fn kind(error: etcd_client::Error) -> &'static str {
         match error {
-            etcd_client::Error::GRpcStatus(status) => match status.code() {
-                etcd_client::Code::Unavailable => "etcd_grpc_unavailable",
-                etcd_client::Code::DeadlineExceeded => "etcd_grpc_deadline_exceeded",
-                etcd_client::Code::ResourceExhausted => "etcd_grpc_resource_exhausted",
+            // gRPC status codes are numbered by the gRPC specification; etcd-client does not
+            // re-export tonic's `Code` enum, so match the numbers.
+            etcd_client::Error::GRpcStatus(status) => match status.code() as i32 {
+                14 => "etcd_grpc_unavailable",
+                4 => "etcd_grpc_deadline_exceeded",
+                8 => "etcd_grpc_resource_exhausted",
                 _ => "etcd_grpc_other",
             },
             etcd_client::Error::TransportError(_) => "etcd_transport",
@@ -140,7 +156,7 @@ mod with_client {
             let summary = workload::load(
                 target.clone(),
                 load.records,
-                load.concurrency,
+                args.load_concurrency,
                 output.progress,
             )
             .await?;

@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// data).
     #[arg(long)]
     pub load: bool,
+    /// Writers in flight during --load (independent of --concurrency, so that a
+    /// concurrency-1 measurement does not load its records one at a time).
+    #[arg(long, default_value_t = 64)]
+    pub load_concurrency: usize,
     /// Updates write without reading first (a `write`, see the docs).
     #[arg(long)]
     pub blind: bool,
@@ -264,7 +268,7 @@ pub async fn run(args: RunArgs, output: &Output) -> Result<Report> {
             workload::load(
                 target.clone(),
                 load.records,
-                load.concurrency,
+                args.load_concurrency,
                 output.progress,
             )
             .await?,

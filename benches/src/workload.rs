@@ -381,6 +381,7 @@ pub fn counted_bar(len: u64, show: bool, what: &str) -> ProgressBar {
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct LoadSummary {
     pub records: u64,
+    pub concurrency: usize,
     pub seconds: f64,
     pub errors: u64,
 }
@@ -431,6 +432,7 @@ pub async fn load<T: Target>(
     bar.finish_and_clear();
     let summary = LoadSummary {
         records,
+        concurrency,
         seconds: start.elapsed().as_secs_f64(),
         errors: errors.load(Ordering::Relaxed),
     };
