@@ -124,6 +124,12 @@ enum ConfigCommand {
     },
 }
 
+/// mimalloc instead of the system allocator: the node allocates and frees many small buffers
+/// per request (frames, key states, stream state), and glibc's malloc spent about a fifth of
+/// the node's CPU on them under load (see BENCHMARKS.md, "What the profile showed").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
