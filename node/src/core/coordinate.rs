@@ -1,0 +1,316 @@
+//! Coordination: what the coordinator of a put or get does, and how it decides to answer.
+//!
+//! A put draws a new dot, applies the update to the coordinator's own stored state (the new
+//! value replaces exactly the siblings the client's context covers), merges it through the one
+//! write path, and sends the merged state to the other replicas. A get reads the local copy and
+//! asks the other replicas for theirs, joining every answer. A [`Tally`] counts answers; the
+//! request is answered once its quorum is reached, or once it can no longer be reached and
+//! every live replica has answered (so the error counts every acknowledgement made), or at its
+//! deadline. Riak's `put_fsm`/`get_fsm` and Garage's `rpc_helper` are the models.
+
+use super::{
+    error, internal, invalid, quorum_not_reached, read_quorum, write_quorum, Checked,
+    DurableWaiter, NodeCore, Now, Op, Origin, Output, ReadOp, WriteOp,
+};
+use crate::metrics;
+use crate::peer::{OpId, PeerMessage};
+use crate::quorum::{ReplicaProgress, Tally, Verdict};
+use crate::storage::Storage;
+use crate::version_vector::{self, CausalContext, KeyState, RequestId as CoreRequestId};
+use quorumkv_client::protocol::{
+    ErrorKind, ErrorReply, ReadOptions, Response, SiblingValue, WriteOptions,
+};
+use quorumkv_client::Context;
+use quorumkv_ring::NodeId;
+
+impl NodeCore {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn coordinate_write(
+        &mut self,
+        now: Now,
+        origin: Origin,
+        checked: &Checked<'_>,
+        value: Option<Vec<u8>>,
+        context: Option<&Context>,
+        request_id: [u8; 16],
+        options: &WriteOptions,
+        deadline_ms: u64,
+        storage: &dyn Storage,
+        out: &mut Vec<Output>,
+    ) -> Result<(), ErrorReply> {
+        let (w, dw) = write_quorum(checked.n, options)?;
+        let client_context = self.decode_context(checked, context)?;
+        let mut state = storage
+            .read(checked.keyspace, checked.key)
+            .map_err(|e| internal(format!("reading the local copy failed: {e}")))?
+            .unwrap_or_default();
+        let dot = self.clock.next_dot(&state);
+        let outcome = state
+            .update(
+                &client_context,
+                dot,
+                CoreRequestId(request_id),
+                now.wall_ms,
+                value,
+            )
+            .map_err(|e| invalid(format!("the write cannot be applied: {e}")))?;
+        let merged = storage
+            .merge(checked.keyspace, checked.key, &state, &[])
+            .map_err(|e| internal(format!("writing the local copy failed: {e}")))?;
+        let reply_context = Context::from_bytes(version_vector::encode_token(
+            &outcome.context,
+            checked.keyspace,
+            checked.key,
+        ));
+        let op = self.new_op();
+        let mut tally = Tally::new(checked.preference_list.iter().cloned(), w, dw);
+        tally.record(&self.me, ReplicaProgress::Applied);
+        if dw > 0 {
+            self.await_durable(
+                merged.seq,
+                DurableWaiter::Local(op),
+                storage,
+                &mut tally,
+                out,
+            );
+        }
+        let encoded = merged.state.encode_canonical();
+        // The coordinator's own flush gives one durable acknowledgement; replicas are asked to
+        // answer after their flush only when the request needs more. A replica answers each
+        // Replicate once: `Applied` at once, or `Durable` (which also counts as applied) after
+        // its flush, never both.
+        let durable = dw > 1;
+        self.fan_out(checked, &mut tally, out, || PeerMessage::Replicate {
+            op,
+            keyspace: checked.keyspace.to_string(),
+            key: checked.key.to_vec(),
+            state: encoded.clone(),
+            durable,
+        });
+        self.insert_op(
+            op,
+            Op::Write(WriteOp {
+                origin,
+                tally,
+                deadline_ms,
+                reply_context,
+            }),
+        );
+        self.settle(op, out);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn coordinate_get(
+        &mut self,
+        _now: Now,
+        origin: Origin,
+        checked: &Checked<'_>,
+        options: &ReadOptions,
+        deadline_ms: u64,
+        storage: &dyn Storage,
+        out: &mut Vec<Output>,
+    ) -> Result<(), ErrorReply> {
+        let r = read_quorum(checked.n, options)?;
+        let local = storage
+            .read(checked.keyspace, checked.key)
+            .map_err(|e| internal(format!("reading the local copy failed: {e}")))?
+            .unwrap_or_default();
+        let op = self.new_op();
+        let mut tally = Tally::new(checked.preference_list.iter().cloned(), r, 0);
+        tally.record(&self.me, ReplicaProgress::Applied);
+        self.fan_out(checked, &mut tally, out, || PeerMessage::Read {
+            op,
+            keyspace: checked.keyspace.to_string(),
+            key: checked.key.to_vec(),
+        });
+        self.insert_op(
+            op,
+            Op::Read(ReadOp {
+                origin,
+                tally,
+                deadline_ms,
+                keyspace: checked.keyspace.to_string(),
+                key: checked.key.to_vec(),
+                merged: local,
+            }),
+        );
+        self.settle(op, out);
+        Ok(())
+    }
+
+    /// Sends `message()` to every other replica believed up; the ones believed down count as
+    /// failed at once, so the request does not wait for them.
+    pub(super) fn fan_out(
+        &self,
+        checked: &Checked<'_>,
+        tally: &mut Tally,
+        out: &mut Vec<Output>,
+        message: impl Fn() -> PeerMessage,
+    ) {
+        for replica in checked
+            .preference_list
+            .iter()
+            .filter(|node| **node != self.me)
+        {
+            if self.detector.is_up(replica) {
+                out.push(Output::Send {
+                    to: replica.clone(),
+                    message: message(),
+                });
+            } else {
+                tally.record(replica, ReplicaProgress::Failed);
+            }
+        }
+    }
+
+    pub(super) fn decode_context(
+        &self,
+        checked: &Checked<'_>,
+        context: Option<&Context>,
+    ) -> Result<CausalContext, ErrorReply> {
+        match context {
+            None => Ok(CausalContext::new()),
+            Some(token) if token.is_empty() => Ok(CausalContext::new()),
+            Some(token) => version_vector::decode_token(
+                token.as_bytes(),
+                checked.keyspace,
+                checked.key,
+                self.config.context_entries_max,
+            )
+            .map_err(|e| {
+                if matches!(e, crate::Error::ContextTooLarge { .. }) {
+                    metrics::limit_exceeded("context_entries");
+                }
+                invalid(e.to_string())
+            }),
+        }
+    }
+
+    pub(super) fn on_read_reply(
+        &mut self,
+        op: OpId,
+        from: &NodeId,
+        state: Option<&[u8]>,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(Op::Read(read)) = self.ops.get_mut(&op) else {
+            return;
+        };
+        let progress = match state.map(KeyState::decode).transpose() {
+            Ok(Some(remote)) => {
+                read.merged = read.merged.join(&remote);
+                ReplicaProgress::Applied
+            }
+            Ok(None) => ReplicaProgress::Applied,
+            Err(e) => {
+                tracing::warn!(peer = %from, error = %e, "replica sent a corrupt key state");
+                ReplicaProgress::Failed
+            }
+        };
+        self.on_progress(op, from, progress, out);
+    }
+
+    pub(super) fn on_progress(
+        &mut self,
+        op: OpId,
+        from: &NodeId,
+        progress: ReplicaProgress,
+        out: &mut Vec<Output>,
+    ) {
+        match self.ops.get_mut(&op) {
+            Some(Op::Write(write)) => {
+                write.tally.record(from, progress);
+            }
+            Some(Op::Read(read)) => {
+                read.tally.record(from, progress);
+            }
+            Some(Op::Forward(forward))
+                if progress == ReplicaProgress::Failed && forward.to == *from =>
+            {
+                return self.retry_forward(op, out);
+            }
+            _ => return,
+        }
+        self.settle(op, out);
+    }
+
+    /// Answers `op` if its tally has decided.
+    pub(super) fn settle(&mut self, op: OpId, out: &mut Vec<Output>) {
+        let verdict = match self.ops.get(&op) {
+            Some(Op::Write(write)) => write.tally.verdict(),
+            Some(Op::Read(read)) => read.tally.verdict(),
+            _ => return,
+        };
+        // A failed request still waits for the replicas that have not answered (never past its
+        // deadline, and never for replicas known down), so its error reports every
+        // acknowledgement that was actually made rather than whichever arrived first.
+        let quiet = match self.ops.get(&op) {
+            Some(Op::Write(write)) => write.tally.waiting().next().is_none(),
+            Some(Op::Read(read)) => read.tally.waiting().next().is_none(),
+            _ => true,
+        };
+        if verdict == Verdict::Pending || (verdict == Verdict::Failed && !quiet) {
+            return;
+        }
+        match self.remove_op(op) {
+            Some(Op::Write(write)) => {
+                let response = match verdict {
+                    Verdict::Reached => Response::Written {
+                        context: write.reply_context,
+                    },
+                    _ => quorum_not_reached("write", write.tally.shortfall()),
+                };
+                self.answer(&write.origin, response, out);
+            }
+            Some(Op::Read(read)) => {
+                let response = match verdict {
+                    Verdict::Reached => {
+                        let siblings = read
+                            .merged
+                            .live_siblings()
+                            .into_iter()
+                            .map(|sibling| SiblingValue {
+                                value: sibling.value.clone().unwrap_or_default(),
+                                timestamp_ms: sibling.timestamp_ms,
+                            })
+                            .collect();
+                        let token = version_vector::encode_token(
+                            read.merged.context(),
+                            &read.keyspace,
+                            &read.key,
+                        );
+                        Response::Got {
+                            siblings,
+                            context: Context::from_bytes(token),
+                        }
+                    }
+                    _ => quorum_not_reached("read", read.tally.shortfall()),
+                };
+                self.answer(&read.origin, response, out);
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn expire(&mut self, op: OpId, out: &mut Vec<Output>) {
+        match self.remove_op(op) {
+            Some(Op::Write(write)) => {
+                let reply = quorum_not_reached("write", write.tally.shortfall());
+                self.answer(&write.origin, reply, out);
+            }
+            Some(Op::Read(read)) => {
+                let reply = quorum_not_reached("read", read.tally.shortfall());
+                self.answer(&read.origin, reply, out);
+            }
+            Some(Op::Forward(forward)) => {
+                let message = format!("coordinator {} did not answer in time", forward.to);
+                out.push(Output::Reply {
+                    handle: forward.client,
+                    response: error(ErrorKind::Unavailable, message),
+                });
+            }
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! The replica side: what a node does with the messages other nodes send it.
+//!
+//! A `Replicate` is merged through the one write path ([`Storage::merge`]) after validation
+//! (known keyspace, key size, a state that decodes), and answered once: `Applied` at once, or
+//! `Durable` after the node's next flush when the coordinator asked for it. A `Read` is answered
+//! with the stored state. Pings get pongs; answers to this node's own requests go to
+//! [`super::coordinate`] and [`super::forward`].
+
+use super::{DurableWaiter, NodeCore, Now, Op, Origin, Output};
+use crate::peer::{OpId, PeerMessage};
+use crate::quorum::ReplicaProgress;
+use crate::storage::Storage;
+use crate::version_vector::KeyState;
+use quorumkv_ring::NodeId;
+
+impl NodeCore {
+    pub(super) fn on_peer(
+        &mut self,
+        now: Now,
+        from: NodeId,
+        message: PeerMessage,
+        storage: &dyn Storage,
+        out: &mut Vec<Output>,
+    ) {
+        match message {
+            PeerMessage::Forward { op, request } => {
+                self.on_request(now, Origin::Peer { node: from, op }, request, storage, out)
+            }
+            PeerMessage::ForwardReply { op, response } => {
+                if let Some(Op::Forward(forward)) = self.ops.get(&op) {
+                    if forward.to == from {
+                        let client = forward.client;
+                        self.remove_op(op);
+                        out.push(Output::Reply {
+                            handle: client,
+                            response,
+                        });
+                    }
+                }
+            }
+            PeerMessage::Replicate {
+                op,
+                keyspace,
+                key,
+                state,
+                durable,
+            } => self.on_replicate(from, op, &keyspace, &key, &state, durable, storage, out),
+            PeerMessage::Applied { op } => {
+                self.on_progress(op, &from, ReplicaProgress::Applied, out)
+            }
+            PeerMessage::Durable { op } => {
+                self.on_progress(op, &from, ReplicaProgress::Durable, out)
+            }
+            PeerMessage::Failed { op, reason } => {
+                tracing::warn!(peer = %from, %reason, "replica failed an operation");
+                self.on_progress(op, &from, ReplicaProgress::Failed, out)
+            }
+            PeerMessage::Read { op, keyspace, key } => {
+                let message = match storage.read(&keyspace, &key) {
+                    Ok(state) => PeerMessage::ReadReply {
+                        op,
+                        state: state.map(|s| s.encode_canonical()),
+                    },
+                    Err(e) => PeerMessage::Failed {
+                        op,
+                        reason: e.to_string(),
+                    },
+                };
+                out.push(Output::Send { to: from, message });
+            }
+            PeerMessage::ReadReply { op, state } => {
+                self.on_read_reply(op, &from, state.as_deref(), out)
+            }
+            PeerMessage::Ping { nonce } => out.push(Output::Send {
+                to: from,
+                message: PeerMessage::Pong { nonce },
+            }),
+            PeerMessage::Pong { .. } => {}
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn on_replicate(
+        &mut self,
+        from: NodeId,
+        op: OpId,
+        keyspace: &str,
+        key: &[u8],
+        state: &[u8],
+        durable: bool,
+        storage: &dyn Storage,
+        out: &mut Vec<Output>,
+    ) {
+        let result = if !self.map.keyspaces.contains_key(keyspace) {
+            Err(format!("unknown keyspace `{keyspace}`"))
+        } else if key.is_empty() || key.len() > self.config.key_bytes_max {
+            Err(format!(
+                "key of {} bytes is outside 1..=key_bytes_max",
+                key.len()
+            ))
+        } else {
+            KeyState::decode(state)
+                .map_err(|e| e.to_string())
+                .and_then(|incoming| {
+                    storage
+                        .merge(keyspace, key, &incoming, &[])
+                        .map_err(|e| e.to_string())
+                })
+        };
+        match result {
+            Ok(merged) => {
+                if !durable {
+                    out.push(Output::Send {
+                        to: from,
+                        message: PeerMessage::Applied { op },
+                    });
+                } else {
+                    if merged.seq <= storage.durable_seq() {
+                        out.push(Output::Send {
+                            to: from,
+                            message: PeerMessage::Durable { op },
+                        });
+                    } else {
+                        self.durable_waiters
+                            .entry(merged.seq)
+                            .or_default()
+                            .push(DurableWaiter::Peer { node: from, op });
+                        self.request_flush(out);
+                    }
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(peer = %from, %reason, "refused a replica write");
+                out.push(Output::Send {
+                    to: from,
+                    message: PeerMessage::Failed { op, reason },
+                });
+            }
+        }
+    }
+}

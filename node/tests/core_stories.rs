@@ -1,0 +1,144 @@
+//! Scenarios of the replication core, told step by step with the deterministic driver
+//! (`quorumkv_node::core::driver`): which messages arrive, which links are cut, which node
+//! crashes, and what each replica holds afterwards.
+
+use quorumkv_client::protocol::{ErrorKind, Response};
+use quorumkv_node::core::driver::Driver;
+use quorumkv_node::core::CoreConfig;
+
+fn context_of(
+    cluster: &Driver,
+    handle: quorumkv_node::core::ClientHandle,
+) -> quorumkv_client::Context {
+    match cluster.reply(handle) {
+        Some(Response::Got { context, .. }) | Some(Response::Written { context }) => {
+            context.clone()
+        }
+        other => panic!("no context in {other:?}"),
+    }
+}
+
+#[test]
+fn a_write_reaches_every_replica_it_can_and_w_decides_the_answer() {
+    let mut cluster = Driver::new(3, 3, CoreConfig::default());
+    let [n1, n2, n3] = cluster.ids();
+
+    // n1 cannot reach n2. A write at W = 2 still succeeds through n1 and n3 ...
+    cluster.cut(&n1, &n2);
+    let put = cluster.put(&n1, "k", "v1", 2);
+    cluster.settle();
+    assert!(cluster.written(put), "{:?}", cluster.reply(put));
+    assert_eq!(cluster.values(&n1, "k"), ["v1"]);
+    assert_eq!(cluster.values(&n3, "k"), ["v1"]);
+    // ... and n2, which the write never reached, does not have it.
+    assert!(cluster.values(&n2, "k").is_empty());
+
+    // A write at W = 3 cannot succeed while the link is cut: it fails at its deadline, and
+    // says so (the write was applied on two replicas).
+    let put = cluster.put(&n1, "k2", "v", 3);
+    cluster.settle();
+    assert!(
+        cluster.reply(put).is_none(),
+        "waits for n2 until its deadline"
+    );
+    cluster.advance(CoreConfig::default().request_timeout_ms);
+    match cluster.reply(put) {
+        Some(Response::Error(e)) => {
+            assert_eq!(e.kind, ErrorKind::QuorumNotReached);
+            let quorum = e.quorum.expect("quorum details");
+            assert_eq!((quorum.required, quorum.acked), (3, 2));
+        }
+        other => panic!("expected QuorumNotReached, got {other:?}"),
+    }
+}
+
+#[test]
+fn concurrent_writes_become_siblings_and_a_write_with_the_read_context_replaces_them() {
+    let mut cluster = Driver::new(3, 3, CoreConfig::default());
+    let [n1, n2, n3] = cluster.ids();
+
+    // Two clients write the same key at two coordinators, neither having read the other's.
+    let a = cluster.put(&n1, "k", "from-a", 2);
+    let b = cluster.put(&n2, "k", "from-b", 2);
+    cluster.settle();
+    assert!(cluster.written(a) && cluster.written(b));
+
+    let read = cluster.get(&n3, "k", 3);
+    cluster.settle();
+    assert_eq!(
+        cluster.got(read).expect("the read succeeds"),
+        ["from-a", "from-b"]
+    );
+
+    // A write with the read's context replaces exactly the two siblings it saw.
+    let context = context_of(&cluster, read);
+    let resolve = cluster.put_with(&n3, "k", "merged", Some(context), 3);
+    cluster.settle();
+    assert!(cluster.written(resolve));
+    for node in [&n1, &n2, &n3] {
+        assert_eq!(cluster.values(node, "k"), ["merged"], "on {node}");
+    }
+}
+
+#[test]
+fn a_crash_keeps_what_was_flushed_and_the_node_comes_back_as_a_new_incarnation() {
+    let mut cluster = Driver::new(3, 3, CoreConfig::default());
+    let [n1, n2, _n3] = cluster.ids();
+
+    // A durable write (dw = 1) is acknowledged only after its coordinator's flush.
+    let put = cluster.put(&n1, "k", "durable", 2);
+    while cluster.deliver_next() {}
+    assert!(cluster.reply(put).is_none(), "not before the flush");
+    assert!(cluster.complete_flush(&n1));
+    cluster.settle();
+    assert!(cluster.written(put));
+
+    // n1 crashes and restarts: the acknowledged write survives, under a new actor.
+    let actor_before = cluster.core(&n1).expect("running").clock().actor();
+    cluster.crash(&n1);
+    cluster.restart(&n1);
+    assert_ne!(
+        cluster.core(&n1).expect("running").clock().actor(),
+        actor_before
+    );
+    assert_eq!(cluster.values(&n1, "k"), ["durable"]);
+
+    // Its next write of the key does not drop the old value it never read.
+    let put = cluster.put(&n1, "k", "after-restart", 2);
+    cluster.settle();
+    assert!(cluster.written(put));
+    assert_eq!(cluster.values(&n2, "k"), ["after-restart", "durable"]);
+}
+
+#[test]
+fn a_node_that_is_not_a_replica_forwards_to_one_that_is() {
+    // Four nodes and N = 2: every key has two nodes that are not its replicas.
+    let mut cluster = Driver::new(4, 2, CoreConfig::default());
+    let ids: [_; 4] = cluster.ids();
+    let replicas: Vec<String> = cluster
+        .map()
+        .ring
+        .preference_list_for("default", b"k", 2)
+        .expect("placed")
+        .ids()
+        .map(|id| id.to_string())
+        .collect();
+    let outsider = ids
+        .iter()
+        .find(|id| !replicas.contains(&id.to_string()))
+        .expect("a node outside the preference list")
+        .clone();
+
+    let put = cluster.put(&outsider, "k", "v", 2);
+    cluster.settle();
+    assert!(cluster.written(put), "{:?}", cluster.reply(put));
+    assert!(
+        cluster.values(&outsider, "k").is_empty(),
+        "not stored off its replicas"
+    );
+    for id in &ids {
+        if replicas.contains(&id.to_string()) {
+            assert_eq!(cluster.values(id, "k"), ["v"], "on replica {id}");
+        }
+    }
+}
