@@ -22,8 +22,13 @@ use quorumkv_client::protocol::{Request, Response};
 use serde::{Deserialize, Serialize};
 
 /// Identifies one operation at the node that started it; answers carry it back.
+///
+/// The first field is the starting node's *instance*, random per process start, and the second
+/// counts operations within that instance. So an answer still travelling to a node's previous
+/// process can never be taken for an answer to an operation of its new one (counters restart,
+/// instances do not repeat).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct OpId(pub u64);
+pub struct OpId(pub u64, pub u64);
 
 /// The first frame on a peer connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,9 +73,13 @@ pub enum PeerMessage {
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
-    /// The replica's copy (canonical encoding), `None` if it has none.
+    /// The replica's copy (canonical encoding) of the key it names, `None` if it has none. The
+    /// key travels back so the coordinator can check the answer is about the key it asked for.
     ReadReply {
         op: OpId,
+        keyspace: String,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
         #[serde(with = "serde_bytes")]
         state: Option<Vec<u8>>,
     },

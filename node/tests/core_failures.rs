@@ -22,7 +22,7 @@ fn single_node() -> (NodeCore, MemoryStorage) {
         monotonic_ms: 0,
         wall_ms: 0,
     };
-    let core = NodeCore::new(id, map, CoreConfig::default(), clock, now);
+    let core = NodeCore::new(id, map, CoreConfig::default(), clock, 1, now);
     (core, MemoryStorage::new())
 }
 
@@ -179,7 +179,7 @@ fn three_nodes() -> (NodeCore, MemoryStorage) {
         monotonic_ms: 0,
         wall_ms: 0,
     };
-    let core = NodeCore::new(ids[0].clone(), map, CoreConfig::default(), clock, now);
+    let core = NodeCore::new(ids[0].clone(), map, CoreConfig::default(), clock, 1, now);
     (core, MemoryStorage::new())
 }
 
@@ -267,7 +267,7 @@ fn a_replica_answers_each_write_once() {
     let replicate = |op, durable| Input::Peer {
         from: n2.clone(),
         message: PeerMessage::Replicate {
-            op: OpId(op),
+            op: OpId(1, op),
             keyspace: "default".into(),
             key: b"k".to_vec(),
             state: state.encode_canonical(),
@@ -297,4 +297,74 @@ fn a_replica_answers_each_write_once() {
     let through = quorumkv_node::storage::Storage::flush(&storage).expect("memory flush");
     core.handle(now, Input::Flushed { through }, &storage, &mut out);
     assert_eq!(answers(&out), ["durable"]);
+}
+
+/// An answer to a read must be about the key that was asked for; one about another key (a bug,
+/// or a peer that is lying) counts as that replica failing, never as data.
+#[test]
+fn a_read_answer_about_another_key_is_not_joined_into_the_read() {
+    let (mut core, storage) = three_nodes();
+    let now = Now {
+        monotonic_ms: 1,
+        wall_ms: 1,
+    };
+    let mut out = Vec::new();
+    let get = Request::Get {
+        keyspace: "default".into(),
+        key: b"k".to_vec(),
+        options: quorumkv_client::protocol::ReadOptions {
+            r: Some(2),
+            timeout_ms: None,
+        },
+    };
+    core.handle(
+        now,
+        Input::Client {
+            handle: ClientHandle(1),
+            request: get,
+        },
+        &storage,
+        &mut out,
+    );
+    let (op, asked) = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Send {
+                to,
+                message: PeerMessage::Read { op, .. },
+            } => Some((*op, to.clone())),
+            _ => None,
+        })
+        .expect("the coordinator asks a replica");
+    let mut foreign = quorumkv_node::version_vector::KeyState::new();
+    foreign
+        .update(
+            &quorumkv_node::version_vector::CausalContext::new(),
+            quorumkv_node::version_vector::Dot::new(quorumkv_node::version_vector::Actor(5), 1),
+            quorumkv_node::version_vector::RequestId([5; 16]),
+            1,
+            Some(b"other-key-value".to_vec()),
+        )
+        .expect("fresh dot");
+    out.clear();
+    core.handle(
+        now,
+        Input::Peer {
+            from: asked,
+            message: PeerMessage::ReadReply {
+                op,
+                keyspace: "default".into(),
+                key: b"other".to_vec(),
+                state: Some(foreign.encode_canonical()),
+            },
+        },
+        &storage,
+        &mut out,
+    );
+    if let Some(Response::Got { siblings, .. }) = reply(&out) {
+        assert!(
+            siblings.iter().all(|s| s.value != b"other-key-value"),
+            "another key's value was returned: {siblings:?}"
+        );
+    }
 }

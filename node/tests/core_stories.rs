@@ -142,3 +142,29 @@ fn a_node_that_is_not_a_replica_forwards_to_one_that_is() {
         }
     }
 }
+
+#[test]
+fn an_answer_meant_for_a_previous_instance_never_lands_on_a_new_operation() {
+    // Keys "a" and "b" live on all three nodes. n1 asks n2 and n3 for "a" ...
+    let mut cluster = Driver::new(3, 3, CoreConfig::default());
+    let [n1, n2, _n3] = cluster.ids();
+    let put = cluster.put(&n2, "a", "value-of-a", 3);
+    cluster.settle();
+    assert!(cluster.written(put));
+    let _lost = cluster.get(&n1, "a", 3);
+    // ... n2 and n3 answer (the answers are in flight to n1) ...
+    assert_eq!(cluster.in_flight(), 2, "two reads in flight");
+    assert!(cluster.deliver_next() && cluster.deliver_next());
+    assert_eq!(cluster.in_flight(), 2, "two answers in flight");
+    // ... and n1 crashes and restarts before they arrive. Its first new operation reads "b".
+    cluster.crash(&n1);
+    cluster.restart(&n1);
+    let read_b = cluster.get(&n1, "b", 2);
+    cluster.settle();
+    // The stale answers about "a" must not be taken for answers about "b".
+    assert_eq!(
+        cluster.got(read_b).expect("the read of b succeeds"),
+        Vec::<String>::new(),
+        "a value of key a leaked into a read of key b"
+    );
+}

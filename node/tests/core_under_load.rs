@@ -99,6 +99,7 @@ fn start(real_peers: &[&str]) -> Setup {
             map.clone(),
             config.clone(),
             clock,
+            i as u64 + 1,
             core_task::now(origin),
         );
         let running = core_task::spawn(

@@ -57,6 +57,7 @@ fn start(count: usize) -> Cluster {
             map.clone(),
             config.clone(),
             clock,
+            i as u64 + 1,
             core_task::now(origin),
         );
         let running = core_task::spawn(

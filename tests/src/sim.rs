@@ -318,6 +318,7 @@ impl Sim {
             self.map.clone(),
             self.config.core.clone(),
             clock,
+            fresh,
             now,
         ));
         self.schedule_tick(id);

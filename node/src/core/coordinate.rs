@@ -191,12 +191,19 @@ impl NodeCore {
         &mut self,
         op: OpId,
         from: &NodeId,
+        (keyspace, key): (&str, &[u8]),
         state: Option<&[u8]>,
         out: &mut Vec<Output>,
     ) {
         let Some(Op::Read(read)) = self.ops.get_mut(&op) else {
             return;
         };
+        if read.keyspace != keyspace || read.key != key {
+            // Operation ids are unique, so only a bug or a hostile peer gets here; an answer
+            // about another key must never be joined into this one.
+            tracing::warn!(peer = %from, "replica answered a read with another key; ignored");
+            return self.on_progress(op, from, ReplicaProgress::Failed, out);
+        }
         let progress = match state.map(KeyState::decode).transpose() {
             Ok(Some(remote)) => {
                 read.merged = read.merged.join(&remote);

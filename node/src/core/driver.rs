@@ -340,7 +340,15 @@ impl Driver {
             .storage
             .set_incarnation(&record)
             .expect("memory storage writes");
-        driven.core = Some(NodeCore::new(node.clone(), map, config, clock, now));
+        let instance = fresh;
+        driven.core = Some(NodeCore::new(
+            node.clone(),
+            map,
+            config,
+            clock,
+            instance,
+            now,
+        ));
     }
 
     fn now(&self) -> Now {

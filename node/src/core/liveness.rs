@@ -26,7 +26,7 @@ impl NodeCore {
         }
         let expired: Vec<OpId> = self
             .deadlines
-            .range(..=(now.monotonic_ms, OpId(u64::MAX)))
+            .range(..=(now.monotonic_ms, OpId(u64::MAX, u64::MAX)))
             .map(|(_, op)| *op)
             .collect();
         for op in expired {

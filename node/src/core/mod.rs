@@ -289,19 +289,24 @@ pub struct NodeCore {
     deadlines: BTreeSet<(u64, OpId)>,
     /// Peers whose send queue is over its bound, as the transport last reported.
     congested: BTreeSet<NodeId>,
+    /// This process start's random id, the first half of every [`OpId`] it issues.
+    instance: u64,
     next_op: u64,
     durable_waiters: BTreeMap<WriteSeq, Vec<DurableWaiter>>,
     flush_in_flight: bool,
 }
 
 impl NodeCore {
-    /// A core for node `me`, issuing dots from `clock` (see [`version_vector`] for how the
-    /// shell obtains it from the incarnation record).
+    /// A core for node `me`, issuing dots from `clock` (see [`crate::version_vector`] for how
+    /// the shell obtains it from the incarnation record). `instance` must differ on every
+    /// process start (the shell draws it at random and sends the same value in its QUIC hello);
+    /// it makes operation ids unique across restarts.
     pub fn new(
         me: NodeId,
         map: Arc<ClusterMap>,
         config: CoreConfig,
         clock: ActorClock,
+        instance: u64,
         now: Now,
     ) -> NodeCore {
         let peers = map.addresses.keys().filter(|node| **node != me).cloned();
@@ -320,6 +325,7 @@ impl NodeCore {
             ops: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             congested: BTreeSet::new(),
+            instance,
             next_op: 1,
             durable_waiters: BTreeMap::new(),
             flush_in_flight: false,
@@ -409,7 +415,7 @@ impl NodeCore {
     }
 
     fn new_op(&mut self) -> OpId {
-        let op = OpId(self.next_op);
+        let op = OpId(self.instance, self.next_op);
         self.next_op += 1;
         op
     }

@@ -60,6 +60,8 @@ impl NodeCore {
                     Ok(state) => PeerMessage::ReadReply {
                         op,
                         state: state.map(|s| s.encode_canonical()),
+                        keyspace,
+                        key,
                     },
                     Err(e) => PeerMessage::Failed {
                         op,
@@ -68,9 +70,12 @@ impl NodeCore {
                 };
                 out.push(Output::Send { to: from, message });
             }
-            PeerMessage::ReadReply { op, state } => {
-                self.on_read_reply(op, &from, state.as_deref(), out)
-            }
+            PeerMessage::ReadReply {
+                op,
+                keyspace,
+                key,
+                state,
+            } => self.on_read_reply(op, &from, (&keyspace, &key), state.as_deref(), out),
             PeerMessage::Ping { nonce } => out.push(Output::Send {
                 to: from,
                 message: PeerMessage::Pong { nonce },

@@ -124,6 +124,9 @@ pub async fn run(
     )?;
 
     let clock_origin = Instant::now();
+    // Random per process start: sent in every peer hello and the first half of every operation
+    // id, so peers and answers can tell this process from the previous one.
+    let instance: u64 = rand::random();
     let (stop_tx, stop_rx) = watch::channel(false);
     let inbox = core_task::inbox(config.limits.inbox_bytes_max);
     let peers = map
@@ -140,7 +143,7 @@ pub async fn run(
         QuicTransportConfig {
             me: me.clone(),
             fingerprint: fingerprint.clone(),
-            instance: rand::random(),
+            instance,
             client_config: peer_client,
             connect_timeout: Duration::from_millis(config.timeouts.connect_timeout_ms),
             frame_bytes_max: config.limits.frame_bytes_max,
@@ -154,6 +157,7 @@ pub async fn run(
         map.clone(),
         core_config(&config),
         clock,
+        instance,
         core_task::now(clock_origin),
     );
     let running = core_task::spawn(
