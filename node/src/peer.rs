@@ -92,6 +92,18 @@ pub enum PeerMessage {
 }
 
 impl PeerMessage {
+    /// The operation of the *sending* node this message asks a peer to serve (a forward, a
+    /// replica write, a read), if it is such a request. When it cannot be delivered, that
+    /// operation, and only it, counts the peer as failed (`Input::SendFailed`).
+    pub fn request_op(&self) -> Option<OpId> {
+        match self {
+            PeerMessage::Forward { op, .. }
+            | PeerMessage::Replicate { op, .. }
+            | PeerMessage::Read { op, .. } => Some(*op),
+            _ => None,
+        }
+    }
+
     /// A short name for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {

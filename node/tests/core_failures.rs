@@ -368,3 +368,87 @@ fn a_read_answer_about_another_key_is_not_joined_into_the_read() {
         );
     }
 }
+
+fn put_w3(key: &str, id: u8) -> Request {
+    Request::Put {
+        keyspace: "default".into(),
+        key: key.as_bytes().to_vec(),
+        value: b"v".to_vec(),
+        context: None,
+        request_id: RequestId([id; 16]),
+        options: WriteOptions {
+            w: Some(3),
+            dw: Some(0),
+            timeout_ms: None,
+        },
+    }
+}
+
+/// The replicate message of `out` addressed to `to`.
+fn replicate_op(out: &[Output], to: &NodeId) -> OpId {
+    out.iter()
+        .find_map(|o| match o {
+            Output::Send {
+                to: dest,
+                message: PeerMessage::Replicate { op, .. },
+            } if dest == to => Some(*op),
+            _ => None,
+        })
+        .expect("a replicate to that node")
+}
+
+/// A message that could not be sent fails the one operation it belonged to. It does not make
+/// the peer "down", and requests whose messages did reach that peer still complete.
+#[test]
+fn a_failed_send_fails_its_own_operation_only() {
+    let (mut core, storage) = three_nodes();
+    let now = Now {
+        monotonic_ms: 1,
+        wall_ms: 1,
+    };
+    let [n2, n3] = ["n2", "n3"].map(|n| NodeId::new(n).expect("id"));
+    let mut out = Vec::new();
+    let client = |handle, request| Input::Client {
+        handle: ClientHandle(handle),
+        request,
+    };
+    // Write A's replica messages went out; write B's message to n2 could not be sent (a dial
+    // failure, or a message too large to encode).
+    core.handle(now, client(1, put_w3("a", 1)), &storage, &mut out);
+    let (a_n2, a_n3) = (replicate_op(&out, &n2), replicate_op(&out, &n3));
+    out.clear();
+    core.handle(now, client(2, put_w3("b", 2)), &storage, &mut out);
+    let (b_n2, b_n3) = (replicate_op(&out, &n2), replicate_op(&out, &n3));
+    out.clear();
+    core.handle(
+        now,
+        Input::SendFailed {
+            to: n2.clone(),
+            ops: vec![b_n2],
+        },
+        &storage,
+        &mut out,
+    );
+    let applied = |from: &NodeId, op| Input::Peer {
+        from: from.clone(),
+        message: PeerMessage::Applied { op },
+    };
+    core.handle(now, applied(&n3, b_n3), &storage, &mut out);
+    match reply(&out) {
+        Some(Response::Error(e)) => assert_eq!(e.kind, ErrorKind::QuorumNotReached),
+        other => panic!("write B cannot reach W = 3 without n2: {other:?}"),
+    }
+    out.clear();
+
+    // n2 is still believed up, and write A completes when n2 answers it.
+    let n2_up = core.peer_liveness().any(|(node, liveness)| {
+        *node == n2 && liveness == quorumkv_node::core::detector::Liveness::Up
+    });
+    assert!(n2_up, "a failed send must not mark the peer down");
+    core.handle(now, applied(&n2, a_n2), &storage, &mut out);
+    core.handle(now, applied(&n3, a_n3), &storage, &mut out);
+    assert!(
+        matches!(reply(&out), Some(Response::Written { .. })),
+        "write A fails with B's send: {out:?}"
+    );
+}

@@ -10,7 +10,7 @@
 //! event feeds one input to one core and turns its outputs into future events:
 //!
 //! * `Output::Send` becomes a delivery after a random delay, or nothing if the message is
-//!   lost; a send to a crashed node comes back to the sender as `Input::Unreachable`, like a
+//!   lost; a send to a crashed node comes back to the sender as `Input::SendFailed`, like a
 //!   refused QUIC connection.
 //! * `Output::Flush` becomes a flush that completes after `flush_delay_ms`.
 //! * `Output::Reply` completes a client operation and lets that client issue its next one.
@@ -482,7 +482,10 @@ impl Sim {
                         .rng
                         .random_range(self.config.delay_ms.0..=self.config.delay_ms.1);
                     if !self.is_up(&to) {
-                        let input = Input::Unreachable { node: to };
+                        let Some(op) = message.request_op() else {
+                            continue;
+                        };
+                        let input = Input::SendFailed { to, ops: vec![op] };
                         self.schedule(
                             self.now_ms + delay,
                             Event::Deliver {

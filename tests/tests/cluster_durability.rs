@@ -91,10 +91,11 @@ fn parse(log: &Path) -> Vec<Syscall> {
 }
 
 fn parse_line(line: &str) -> Option<Syscall> {
-    let mut fields = line.splitn(3, ' ');
-    let _pid = fields.next()?;
-    let start: f64 = fields.next()?.parse().ok()?;
-    let call = fields.next()?;
+    // strace pads the pid column to a fixed width, so fields are split on runs of spaces.
+    let line = line.trim_start();
+    let (_pid, rest) = line.split_once(' ')?;
+    let (start, call) = rest.trim_start().split_once(' ')?;
+    let start: f64 = start.parse().ok()?;
     let open = call.find('(')?;
     let name = call[..open].to_string();
     let path = call[open..]
@@ -180,7 +181,13 @@ fn every_durable_acknowledgement_follows_an_fdatasync_of_the_log() {
     let syncs = log_syncs(&calls, &data_dir);
     assert!(
         !calls.is_empty(),
-        "strace recorded no sync calls at all; is it tracing the node?"
+        "strace recorded no sync calls at all; is it tracing the node? Its log begins:\n{}",
+        std::fs::read_to_string(&trace_log)
+            .unwrap_or_default()
+            .lines()
+            .take(10)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     for (i, (sent, acked)) in windows.iter().enumerate() {
         let covered = syncs
@@ -205,6 +212,10 @@ fn every_durable_acknowledgement_follows_an_fdatasync_of_the_log() {
 #[test]
 fn strace_lines_parse() {
     let line = "4242 1764752000.123456 fdatasync(12</tmp/x/n1/data/db>) = 0 <0.001250>";
+    assert!(
+        parse_line(&line.replace("4242 ", "424  ")).is_some(),
+        "padded pid"
+    );
     let call = parse_line(line).expect("parses");
     assert_eq!(call.name, "fdatasync");
     assert_eq!(call.path, "/tmp/x/n1/data/db");

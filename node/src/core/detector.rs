@@ -105,18 +105,6 @@ impl FailureDetector {
         })
     }
 
-    /// The transport could not deliver to `node`: it is down until it answers again.
-    pub fn unreachable(&mut self, node: &NodeId) -> Option<Transition> {
-        let peer = self.peers.get_mut(node)?;
-        (peer.liveness == Liveness::Up).then(|| {
-            peer.liveness = Liveness::Down;
-            Transition {
-                node: node.clone(),
-                now: Liveness::Down,
-            }
-        })
-    }
-
     /// Advances time: returns the pings to send now (peer and nonce) and the peers that just
     /// went down because they were silent too long.
     pub fn tick(&mut self, now_ms: u64) -> (Vec<(NodeId, u64)>, Vec<Transition>) {
@@ -201,15 +189,6 @@ mod tests {
         let transition = fd.heard_from(&id("c"), 450).unwrap();
         assert_eq!(transition.now, Liveness::Up);
         assert!(fd.is_up(&id("c")));
-    }
-
-    #[test]
-    fn delivery_failure_marks_down_at_once() {
-        let mut fd = detector();
-        assert!(fd.unreachable(&id("b")).is_some());
-        assert!(!fd.is_up(&id("b")));
-        // Already down: no second transition.
-        assert!(fd.unreachable(&id("b")).is_none());
     }
 
     #[test]

@@ -258,7 +258,9 @@ impl Driver {
         }
         if self.nodes[&to].core.is_none() {
             // The destination is down: the sender's transport cannot reach it.
-            self.feed(&from, Input::Unreachable { node: to });
+            if let Some(op) = message.request_op() {
+                self.feed(&from, Input::SendFailed { to, ops: vec![op] });
+            }
         } else {
             self.feed(&to, Input::Peer { from, message });
         }

@@ -74,7 +74,7 @@ mod replica;
 
 use crate::metrics;
 use crate::peer::{OpId, PeerMessage};
-use crate::quorum::{Shortfall, Tally};
+use crate::quorum::{ReplicaProgress, Shortfall, Tally};
 use crate::storage::{Storage, WriteSeq};
 use crate::version_vector::{ActorClock, KeyState};
 use detector::{FailureDetector, Liveness, Transition};
@@ -175,8 +175,12 @@ pub enum Input {
     Flushed { through: WriteSeq },
     /// The last flush failed (for example, the disk is full).
     FlushFailed { reason: String },
-    /// The transport could not deliver a message to `node`.
-    Unreachable { node: NodeId },
+    /// The transport could not deliver messages to `to` that belong to `ops`, operations this
+    /// node started (a failed dial, a lost connection, a message too large to encode). Each of
+    /// those operations counts `to` as failed, and nothing else does: whether a peer is down
+    /// is the failure detector's decision alone, from its pings, so one lost message never
+    /// fails requests that have nothing to do with it.
+    SendFailed { to: NodeId, ops: Vec<OpId> },
     /// The transport's send queue to `node` went over its byte bound (`congested`), or drained
     /// back under half of it. While a replica's queue is congested, new requests that would
     /// send to it are refused with `Overloaded`; messages already queued are never dropped.
@@ -372,11 +376,10 @@ impl NodeCore {
             }
             Input::Flushed { through } => self.on_flushed(through, out),
             Input::FlushFailed { reason } => self.on_flush_failed(&reason, out),
-            Input::Unreachable { node } => {
-                if let Some(transition) = self.detector.unreachable(&node) {
-                    log_transition(&transition);
+            Input::SendFailed { to, ops } => {
+                for op in ops {
+                    self.on_progress(op, &to, ReplicaProgress::Failed, out);
                 }
-                self.on_replica_lost(&node, out);
             }
             Input::PeerCongested { node, congested } => {
                 if congested {

@@ -3,7 +3,8 @@
 //! Every node registers its inbox with a shared [`MemoryNetwork`]. Sending looks the
 //! destination up and pushes `Input::Peer` into its inbox; an unregistered or stopped node,
 //! or a link the test has cut with [`MemoryNetwork::set_link`], makes the sender's core see
-//! `Input::Unreachable`, exactly as a refused QUIC connection would.
+//! `Input::SendFailed` for the operation the message belonged to, as a refused QUIC connection
+//! would.
 
 use super::Transport;
 use crate::core::Input;
@@ -75,6 +76,7 @@ pub struct MemoryTransport {
 
 impl Transport for MemoryTransport {
     fn send(&self, to: &NodeId, message: PeerMessage) {
+        let message_op = message.request_op();
         let inner = self.network.lock();
         let delivered = !inner.cut.contains(&(self.me.clone(), to.clone()))
             && inner.inboxes.get(to).is_some_and(|inbox| {
@@ -86,9 +88,12 @@ impl Transport for MemoryTransport {
                 })
             });
         if !delivered {
-            if let Some(own) = inner.inboxes.get(&self.me) {
+            if let (Some(own), Some(op)) = (inner.inboxes.get(&self.me), message_op) {
                 // Our own inbox gone means we are stopping; nobody needs the report then.
-                own.send(Input::Unreachable { node: to.clone() });
+                own.send(Input::SendFailed {
+                    to: to.clone(),
+                    ops: vec![op],
+                });
             }
         }
     }

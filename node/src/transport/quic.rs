@@ -25,9 +25,10 @@
 //! stops reading (see the inbox budget in `crate::server::core_task`), so the sender's writes
 //! wait and its queue grows until the core stops admitting work.
 //!
-//! When the connection cannot be made or a write fails, the messages of that attempt are lost
-//! and the core hears `Input::Unreachable`, so requests waiting on that peer fail fast instead
-//! of hanging.
+//! When the connection cannot be made or a write fails, the messages of that attempt are lost,
+//! and the core hears `Input::SendFailed` naming the operations they belonged to, so exactly
+//! those requests count the peer as failed (and fail fast or try elsewhere) instead of hanging.
+//! The transport never declares a peer down: that is the failure detector's job.
 //!
 //! Incoming connections are accepted by the server (see `crate::server`), which checks the
 //! certificate identity and the hello and feeds messages to the core. When a hello arrives
@@ -43,7 +44,7 @@ use super::Transport;
 use crate::certs::node_dns_name;
 use crate::core::Input;
 use crate::metrics;
-use crate::peer::{Hello, PeerMessage};
+use crate::peer::{Hello, OpId, PeerMessage};
 use crate::server::core_task::InboxSender;
 use quorumkv_client::frame::encode_frame;
 use quorumkv_ring::NodeId;
@@ -97,12 +98,15 @@ pub struct QuicTransport {
 #[derive(Debug)]
 struct PeerLink {
     id: NodeId,
-    frames: mpsc::UnboundedSender<Vec<u8>>,
+    frames: mpsc::UnboundedSender<Queued>,
     pressure: Mutex<Pressure>,
     queue_bytes_max: usize,
     redial: Notify,
     inbox: InboxSender,
 }
+
+/// An encoded message waiting to be written, and the operation of ours it serves, if any.
+type Queued = (Vec<u8>, Option<OpId>);
 
 /// Bytes queued to a peer, and whether the core was told the queue is congested.
 #[derive(Debug, Default)]
@@ -204,22 +208,31 @@ impl QuicTransport {
 
 impl Transport for QuicTransport {
     fn send(&self, to: &NodeId, message: PeerMessage) {
+        let op = message.request_op();
+        let failed = |inbox: &InboxSender| {
+            if let Some(op) = op {
+                inbox.send(Input::SendFailed {
+                    to: to.clone(),
+                    ops: vec![op],
+                });
+            }
+        };
         let Some(link) = self.links.get(to) else {
             tracing::warn!(peer = %to, kind = message.kind(), "message for an unknown peer dropped");
-            self.inbox.send(Input::Unreachable { node: to.clone() });
-            return;
+            return failed(&self.inbox);
         };
         let frame = match encode_frame(&message, self.frame_bytes_max) {
             Ok(frame) => frame,
             Err(e) => {
+                // This message's fault (too large, most likely), not the peer's: fail the one
+                // operation it belongs to.
                 tracing::warn!(peer = %to, kind = message.kind(), error = %e, "message does not encode; dropped");
-                self.inbox.send(Input::Unreachable { node: to.clone() });
-                return;
+                return failed(&self.inbox);
             }
         };
         let bytes = frame.len();
         link.add(bytes);
-        if link.frames.send(frame).is_err() {
+        if link.frames.send((frame, op)).is_err() {
             // The sender task is gone: the node is stopping.
             link.remove(bytes);
         }
@@ -237,8 +250,8 @@ struct PeerSender {
 }
 
 impl PeerSender {
-    async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Vec<u8>>) {
-        let mut batch: Vec<Vec<u8>> = Vec::new();
+    async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Queued>) {
+        let mut batch: Vec<Queued> = Vec::new();
         loop {
             let first = tokio::select! {
                 frame = queue.recv() => match frame {
@@ -250,13 +263,13 @@ impl PeerSender {
                     continue;
                 }
             };
-            let mut bytes = first.len();
+            let mut bytes = first.0.len();
             batch.push(first);
             while bytes < BATCH_BYTES_MAX {
                 match queue.try_recv() {
-                    Ok(frame) => {
-                        bytes += frame.len();
-                        batch.push(frame);
+                    Ok(queued) => {
+                        bytes += queued.0.len();
+                        batch.push(queued);
                     }
                     Err(_) => break,
                 }
@@ -265,18 +278,22 @@ impl PeerSender {
             self.link.remove(bytes);
             if let Err(reason) = result {
                 tracing::debug!(peer = %self.peer.id, messages = batch.len(), %reason, "send failed");
-                self.link.inbox.send(Input::Unreachable {
-                    node: self.peer.id.clone(),
-                });
+                let ops: Vec<OpId> = batch.iter().filter_map(|(_, op)| *op).collect();
+                if !ops.is_empty() {
+                    self.link.inbox.send(Input::SendFailed {
+                        to: self.peer.id.clone(),
+                        ops,
+                    });
+                }
             }
             batch.clear();
         }
     }
 
-    async fn deliver(&mut self, frames: &[Vec<u8>]) -> Result<(), String> {
+    async fn deliver(&mut self, frames: &[Queued]) -> Result<(), String> {
         let stream = self.stream().await?;
         let mut result = Ok(());
-        for frame in frames {
+        for (frame, _) in frames {
             if let Err(e) = stream.write_all(frame).await {
                 result = Err(e.to_string());
                 break;
