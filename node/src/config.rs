@@ -178,6 +178,12 @@ pub struct Limits {
     pub in_flight_requests_max: usize,
     /// Largest causal context (entries) a client may send. Default 256.
     pub context_entries_max: usize,
+    /// Most siblings a key may hold: a write that would leave more, without resolving any, is
+    /// refused (read the key and write with its context instead). Default 100.
+    pub siblings_per_key_max: usize,
+    /// Sibling count at which writes are counted in `quorumkv_sibling_warnings_total`, so
+    /// operators see keys heading for the limit. Default 25.
+    pub siblings_per_key_warn: usize,
     /// Bytes of client requests and peer messages queued for the node's core. A client
     /// request that does not fit is refused as overloaded; a peer message waits (slowing that
     /// peer). At least twice `frame_bytes_max`. Default 64 MiB.
@@ -198,6 +204,8 @@ impl Default for Limits {
             streams_per_connection_max: 256,
             in_flight_requests_max: 4096,
             context_entries_max: 256,
+            siblings_per_key_max: 100,
+            siblings_per_key_warn: 25,
             inbox_bytes_max: 64 * 1024 * 1024,
             peer_queue_bytes_max: 32 * 1024 * 1024,
         }
@@ -338,6 +346,12 @@ pub struct ConfigOverrides {
     /// `limits.context_entries_max`.
     #[arg(long, env = "QUORUMKV_LIMITS_CONTEXT_ENTRIES_MAX", value_name = "N")]
     pub limits_context_entries_max: Option<usize>,
+    /// `limits.siblings_per_key_max`.
+    #[arg(long, env = "QUORUMKV_LIMITS_SIBLINGS_PER_KEY_MAX", value_name = "N")]
+    pub limits_siblings_per_key_max: Option<usize>,
+    /// `limits.siblings_per_key_warn`.
+    #[arg(long, env = "QUORUMKV_LIMITS_SIBLINGS_PER_KEY_WARN", value_name = "N")]
+    pub limits_siblings_per_key_warn: Option<usize>,
     /// `limits.inbox_bytes_max`.
     #[arg(long, env = "QUORUMKV_LIMITS_INBOX_BYTES_MAX", value_name = "BYTES")]
     pub limits_inbox_bytes_max: Option<u32>,
@@ -402,6 +416,14 @@ impl ConfigOverrides {
         set.field(
             "limits.context_entries_max",
             &self.limits_context_entries_max,
+        )?;
+        set.field(
+            "limits.siblings_per_key_max",
+            &self.limits_siblings_per_key_max,
+        )?;
+        set.field(
+            "limits.siblings_per_key_warn",
+            &self.limits_siblings_per_key_warn,
         )?;
         set.field("limits.inbox_bytes_max", &self.limits_inbox_bytes_max)?;
         set.field(
@@ -876,6 +898,8 @@ impl Config {
             ("limits.context_entries_max", l.context_entries_max),
             ("limits.inbox_bytes_max", l.inbox_bytes_max as usize),
             ("limits.peer_queue_bytes_max", l.peer_queue_bytes_max),
+            ("limits.siblings_per_key_max", l.siblings_per_key_max),
+            ("limits.siblings_per_key_warn", l.siblings_per_key_warn),
         ] {
             if value == 0 {
                 return Err(config_error(field, "must be at least 1"));
@@ -893,6 +917,15 @@ impl Config {
                     "is {} but a request with the largest key ({}), value ({}) and context \
                      ({} entries) needs {needed}",
                     l.frame_bytes_max, l.key_bytes_max, l.value_bytes_max, l.context_entries_max
+                ),
+            ));
+        }
+        if l.siblings_per_key_warn > l.siblings_per_key_max {
+            return Err(config_error(
+                "limits.siblings_per_key_warn",
+                format!(
+                    "is {} but must not exceed limits.siblings_per_key_max ({})",
+                    l.siblings_per_key_warn, l.siblings_per_key_max
                 ),
             ));
         }
@@ -1224,6 +1257,10 @@ mod tests {
             "19",
             "--limits-context-entries-max",
             "20",
+            "--limits-siblings-per-key-max",
+            "22",
+            "--limits-siblings-per-key-warn",
+            "21",
             "--limits-inbox-bytes-max",
             "300000",
             "--limits-peer-queue-bytes-max",
@@ -1267,6 +1304,8 @@ mod tests {
                 streams_per_connection_max: 18,
                 in_flight_requests_max: 19,
                 context_entries_max: 20,
+                siblings_per_key_max: 22,
+                siblings_per_key_warn: 21,
                 inbox_bytes_max: 300_000,
                 peer_queue_bytes_max: 21,
             },

@@ -23,6 +23,8 @@ pub const STORAGE_FLUSHES_TOTAL: &str = "quorumkv_storage_flushes_total";
 pub const STORAGE_FLUSH_DURATION_SECONDS: &str = "quorumkv_storage_flush_duration_seconds";
 /// Bytes queued to each peer and not yet written to its connection.
 pub const PEER_QUEUE_BYTES: &str = "quorumkv_peer_queue_bytes";
+/// Writes that left a key with at least `limits.siblings_per_key_warn` siblings.
+pub const SIBLING_WARNINGS_TOTAL: &str = "quorumkv_sibling_warnings_total";
 /// Requests refused because they exceeded a limit, by limit.
 pub const LIMIT_EXCEEDED_TOTAL: &str = "quorumkv_limit_exceeded_total";
 /// Frames refused as malformed or oversized, by protocol.
@@ -52,6 +54,10 @@ pub fn describe() {
         "Client request latency by operation."
     );
     describe_counter!(STORAGE_FLUSHES_TOTAL, "Storage flushes (fsyncs) performed.");
+    describe_counter!(
+        SIBLING_WARNINGS_TOTAL,
+        "Writes that left a key with at least limits.siblings_per_key_warn siblings."
+    );
     describe_histogram!(
         STORAGE_FLUSH_DURATION_SECONDS,
         Unit::Seconds,
@@ -103,6 +109,11 @@ pub fn storage_flush(seconds: f64) {
 /// `bytes` are queued to `peer` now.
 pub fn peer_queue_bytes(peer: &str, bytes: usize) {
     gauge!(PEER_QUEUE_BYTES, "peer" => peer.to_string()).set(bytes as f64);
+}
+
+/// A write left a key with many siblings (at least `limits.siblings_per_key_warn`).
+pub fn sibling_warning() {
+    counter!(SIBLING_WARNINGS_TOTAL).increment(1);
 }
 
 /// A request refused by the limit named `limit` (for example `value_bytes`).

@@ -168,3 +168,65 @@ fn an_answer_meant_for_a_previous_instance_never_lands_on_a_new_operation() {
         "a value of key a leaked into a read of key b"
     );
 }
+
+#[test]
+fn a_key_at_its_sibling_limit_refuses_blind_writes_until_a_write_resolves_it() {
+    let config = CoreConfig {
+        siblings_per_key_max: 3,
+        siblings_per_key_warn: 2,
+        ..CoreConfig::default()
+    };
+    let mut cluster = Driver::new(3, 3, config);
+    let [n1, n2, _n3] = cluster.ids();
+    for value in ["a", "b", "c"] {
+        let put = cluster.put(&n1, "k", value, 2);
+        cluster.settle();
+        assert!(cluster.written(put), "{value}: {:?}", cluster.reply(put));
+    }
+    // A fourth concurrent value would be one sibling too many: refused, naming the limit.
+    let put = cluster.put(&n2, "k", "d", 2);
+    cluster.settle();
+    match cluster.reply(put) {
+        Some(Response::Error(e)) => {
+            assert_eq!(e.kind, ErrorKind::InvalidRequest);
+            assert!(
+                e.message.contains("siblings_per_key_max = 3"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("expected the sibling limit, got {other:?}"),
+    }
+    // Reads still work, and a write with the read's context resolves the key.
+    let read = cluster.get(&n2, "k", 2);
+    cluster.settle();
+    assert_eq!(cluster.got(read).expect("read"), ["a", "b", "c"]);
+    let context = context_of(&cluster, read);
+    let resolve = cluster.put_with(&n2, "k", "resolved", Some(context), 2);
+    cluster.settle();
+    assert!(cluster.written(resolve), "{:?}", cluster.reply(resolve));
+    assert_eq!(cluster.values(&n1, "k"), ["resolved"]);
+}
+
+#[test]
+fn a_key_state_larger_than_one_replication_frame_is_refused() {
+    let config = CoreConfig {
+        key_state_bytes_max: 1_000,
+        ..CoreConfig::default()
+    };
+    let mut cluster = Driver::new(3, 3, config);
+    let [n1, _n2, _n3] = cluster.ids();
+    let big = "x".repeat(400);
+    let first = cluster.put(&n1, "k", &big, 2);
+    let second = cluster.put(&n1, "k", &big, 2);
+    let third = cluster.put(&n1, "k", &big, 2);
+    cluster.settle();
+    assert!(cluster.written(first) && cluster.written(second));
+    match cluster.reply(third) {
+        Some(Response::Error(e)) => {
+            assert_eq!(e.kind, ErrorKind::InvalidRequest);
+            assert!(e.message.contains("frame_bytes_max"), "{}", e.message);
+        }
+        other => panic!("expected the key-state limit, got {other:?}"),
+    }
+}

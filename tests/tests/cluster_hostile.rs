@@ -480,3 +480,62 @@ async fn a_node_with_another_member_list_is_refused() {
     .await;
     drop(outsider);
 }
+
+/// A new user's mistake, from the hardening issue: blind puts of 125 KB values to one key.
+/// Each adds a sibling until the key's state would no longer fit one replication frame; that
+/// write must be refused with an error naming the limit (not blamed on the replicas), and the
+/// key must stay readable, with every replica still counted up.
+#[tokio::test(flavor = "multi_thread")]
+async fn blind_writes_that_would_outgrow_a_frame_are_refused_and_the_key_stays_readable() {
+    let cluster = TestCluster::start(3, ClusterOptions::default());
+    within(TEST_LIMIT, async {
+        let client = cluster.client().await;
+        let value = vec![b'v'; 125_000];
+        let mut written = 0;
+        let mut refused = 0;
+        for _ in 0..10 {
+            match client
+                .put(
+                    DEFAULT_KEYSPACE,
+                    "crowded",
+                    value.clone(),
+                    None,
+                    WriteOptions::default(),
+                )
+                .await
+            {
+                Ok(_) => written += 1,
+                Err(Error::InvalidRequest { message }) if message.contains("frame_bytes_max") => {
+                    refused += 1
+                }
+                Err(other) => panic!("after {written} writes: {other}"),
+            }
+        }
+        assert!(written >= 5 && refused >= 1, "{written} written, {refused} refused");
+        let read = client
+            .get(
+                DEFAULT_KEYSPACE,
+                "crowded",
+                ReadOptions {
+                    r: Some(3),
+                    timeout_ms: None,
+                },
+            )
+            .await
+            .expect("the crowded key stays readable from every replica");
+        assert_eq!(read.siblings.len(), written);
+        // A write with the read's context resolves it.
+        client
+            .put(
+                DEFAULT_KEYSPACE,
+                "crowded",
+                b"resolved".to_vec(),
+                Some(&read.context),
+                WriteOptions::default(),
+            )
+            .await
+            .expect("a resolving write is accepted");
+        still_serves(&client, "a crowded key").await;
+    })
+    .await;
+}

@@ -44,6 +44,7 @@ impl NodeCore {
             .read(checked.keyspace, checked.key)
             .map_err(|e| internal(format!("reading the local copy failed: {e}")))?
             .unwrap_or_default();
+        let before = state.clone();
         let dot = self.clock.next_dot(&state);
         let outcome = state
             .update(
@@ -54,6 +55,7 @@ impl NodeCore {
                 value,
             )
             .map_err(|e| invalid(format!("the write cannot be applied: {e}")))?;
+        self.check_key_state(&before, &state)?;
         let merged = storage
             .merge(checked.keyspace, checked.key, &state, &[])
             .map_err(|e| internal(format!("writing the local copy failed: {e}")))?;
@@ -101,6 +103,40 @@ impl NodeCore {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// Refuses a write that would leave the key over its sibling or size limit without making
+    /// it smaller: a key's state must always fit one replication frame, and a write that
+    /// resolves siblings (it replaces some with its context) is always allowed, or a key at the
+    /// limit could never be repaired.
+    fn check_key_state(&self, before: &KeyState, after: &KeyState) -> Result<(), ErrorReply> {
+        let (count_before, count_after) = (before.sibling_count(), after.sibling_count());
+        if count_after > self.config.siblings_per_key_max && count_after >= count_before {
+            metrics::limit_exceeded("siblings_per_key");
+            return Err(invalid(format!(
+                "the key has {count_before} siblings and this write would add another (limit \
+                 limits.siblings_per_key_max = {}); read the key and write with its context \
+                 to resolve them",
+                self.config.siblings_per_key_max
+            )));
+        }
+        let bytes_after = after.encode_canonical().len();
+        // Only a state over the limit pays for encoding the old one too.
+        if bytes_after > self.config.key_state_bytes_max
+            && bytes_after >= before.encode_canonical().len()
+        {
+            metrics::limit_exceeded("key_state_bytes");
+            return Err(invalid(format!(
+                "the key's state would be {bytes_after} bytes, more than one replication frame \
+                 carries ({} bytes, from limits.frame_bytes_max); read the key and write with \
+                 its context to replace its siblings",
+                self.config.key_state_bytes_max
+            )));
+        }
+        if count_after >= self.config.siblings_per_key_warn && count_after > count_before {
+            metrics::sibling_warning();
+        }
+        Ok(())
+    }
+
     pub(super) fn coordinate_get(
         &mut self,
         _now: Now,

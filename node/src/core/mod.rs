@@ -129,6 +129,11 @@ pub struct CoreConfig {
     pub value_bytes_max: usize,
     pub context_entries_max: usize,
     pub in_flight_requests_max: usize,
+    pub siblings_per_key_max: usize,
+    pub siblings_per_key_warn: usize,
+    /// The largest encoded key state a write may leave: what one replication frame can carry
+    /// besides the key and the envelope. Derived from `limits.frame_bytes_max`.
+    pub key_state_bytes_max: usize,
 }
 
 impl Default for CoreConfig {
@@ -141,6 +146,9 @@ impl Default for CoreConfig {
             value_bytes_max: 1024 * 1024,
             context_entries_max: 256,
             in_flight_requests_max: 4096,
+            siblings_per_key_max: 100,
+            siblings_per_key_warn: 25,
+            key_state_bytes_max: 1024 * 1024 + 64 * 1024 - 1024 - 4096,
         }
     }
 }

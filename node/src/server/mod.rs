@@ -81,6 +81,11 @@ pub fn core_config(config: &Config) -> CoreConfig {
         value_bytes_max: config.limits.value_bytes_max,
         context_entries_max: config.limits.context_entries_max,
         in_flight_requests_max: config.limits.in_flight_requests_max,
+        siblings_per_key_max: config.limits.siblings_per_key_max,
+        siblings_per_key_warn: config.limits.siblings_per_key_warn,
+        key_state_bytes_max: (config.limits.frame_bytes_max as usize)
+            .saturating_sub(config.limits.key_bytes_max)
+            .saturating_sub(crate::config::FRAME_ENVELOPE_BYTES as usize),
     }
 }
 
