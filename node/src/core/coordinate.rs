@@ -102,7 +102,6 @@ impl NodeCore {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     /// Refuses a write that would leave the key over its sibling or size limit without making
     /// it smaller: a key's state must always fit one replication frame, and a write that
     /// resolves siblings (it replaces some with its context) is always allowed, or a key at the
@@ -137,6 +136,7 @@ impl NodeCore {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn coordinate_get(
         &mut self,
         _now: Now,
