@@ -176,7 +176,10 @@ pub struct Limits {
     pub streams_per_connection_max: u32,
     /// Requests this node coordinates at once; more are refused. Default 4096.
     pub in_flight_requests_max: usize,
-    /// Largest causal context (entries) a client may send. Default 256.
+    /// Largest causal context (entries) a key's state may reach through writes (one entry per
+    /// node incarnation that wrote the key, plus out-of-order dots); a write that would grow
+    /// it further is refused. Client context tokens are accepted up to 4 times as large, so a
+    /// context a read hands out is never refused. Default 256.
     pub context_entries_max: usize,
     /// Most siblings a key may hold: a write that would leave more, without resolving any, is
     /// refused (read the key and write with its context instead). Default 100.
@@ -908,7 +911,11 @@ impl Config {
         // The largest legitimate request must fit one frame, or the limit on values is a lie.
         let needed = (l.key_bytes_max as u64)
             .saturating_add(l.value_bytes_max as u64)
-            .saturating_add((l.context_entries_max as u64).saturating_mul(CONTEXT_ENTRY_BYTES_MAX))
+            .saturating_add(
+                (l.context_entries_max as u64)
+                    .saturating_mul(crate::core::CONTEXT_TOKEN_SLACK as u64)
+                    .saturating_mul(CONTEXT_ENTRY_BYTES_MAX),
+            )
             .saturating_add(FRAME_ENVELOPE_BYTES);
         if u64::from(l.frame_bytes_max) < needed {
             return Err(config_error(

@@ -230,3 +230,39 @@ fn a_key_state_larger_than_one_replication_frame_is_refused() {
         other => panic!("expected the key-state limit, got {other:?}"),
     }
 }
+
+#[test]
+fn a_read_never_hands_out_a_context_that_writes_refuse() {
+    // Each coordinator writes under its own actor; with room for two entries, the third
+    // actor's first write to the key is refused, so the key's context stays within the limit
+    // and any context a read returns is accepted by a write.
+    let config = CoreConfig {
+        context_entries_max: 2,
+        ..CoreConfig::default()
+    };
+    let mut cluster = Driver::new(3, 3, config);
+    let [n1, n2, n3] = cluster.ids();
+    let a = cluster.put(&n1, "k", "a", 3);
+    cluster.settle();
+    let b = cluster.put(&n2, "k", "b", 3);
+    cluster.settle();
+    assert!(cluster.written(a) && cluster.written(b));
+    let c = cluster.put(&n3, "k", "c", 3);
+    cluster.settle();
+    match cluster.reply(c) {
+        Some(Response::Error(e)) => {
+            assert_eq!(e.kind, ErrorKind::InvalidRequest);
+            assert!(e.message.contains("context_entries_max = 2"), "{}", e.message);
+        }
+        other => panic!("expected the context limit, got {other:?}"),
+    }
+    // Whatever a read returns, a write with it is accepted.
+    for reader in [&n1, &n2, &n3] {
+        let read = cluster.get(reader, "k", 3);
+        cluster.settle();
+        let context = context_of(&cluster, read);
+        let write = cluster.put_with(&n1, "k", "resolved", Some(context), 3);
+        cluster.settle();
+        assert!(cluster.written(write), "{:?}", cluster.reply(write));
+    }
+}

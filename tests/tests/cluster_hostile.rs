@@ -511,7 +511,10 @@ async fn blind_writes_that_would_outgrow_a_frame_are_refused_and_the_key_stays_r
                 Err(other) => panic!("after {written} writes: {other}"),
             }
         }
-        assert!(written >= 5 && refused >= 1, "{written} written, {refused} refused");
+        assert!(
+            written >= 5 && refused >= 1,
+            "{written} written, {refused} refused"
+        );
         let read = client
             .get(
                 DEFAULT_KEYSPACE,

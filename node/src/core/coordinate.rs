@@ -10,7 +10,7 @@
 
 use super::{
     error, internal, invalid, quorum_not_reached, read_quorum, write_quorum, Checked,
-    DurableWaiter, NodeCore, Now, Op, Origin, Output, ReadOp, WriteOp,
+    DurableWaiter, NodeCore, Now, Op, Origin, Output, ReadOp, WriteOp, CONTEXT_TOKEN_SLACK,
 };
 use crate::metrics;
 use crate::peer::{OpId, PeerMessage};
@@ -102,10 +102,16 @@ impl NodeCore {
         Ok(())
     }
 
-    /// Refuses a write that would leave the key over its sibling or size limit without making
-    /// it smaller: a key's state must always fit one replication frame, and a write that
+    /// Refuses a write that would leave the key over its sibling, size or context limit without
+    /// making it smaller: a key's state must always fit one replication frame, and a write that
     /// resolves siblings (it replaces some with its context) is always allowed, or a key at the
     /// limit could never be repaired.
+    ///
+    /// The context limit is what lets reads never hand out a context that writes refuse: a
+    /// read returns the join of replicas' states, each kept within `context_entries_max` by
+    /// the writes that made it, and client tokens are accepted up to [`CONTEXT_TOKEN_SLACK`]
+    /// times that, room for the join of states written concurrently at different
+    /// coordinators.
     fn check_key_state(&self, before: &KeyState, after: &KeyState) -> Result<(), ErrorReply> {
         let (count_before, count_after) = (before.sibling_count(), after.sibling_count());
         if count_after > self.config.siblings_per_key_max && count_after >= count_before {
@@ -128,6 +134,16 @@ impl NodeCore {
                  carries ({} bytes, from limits.frame_bytes_max); read the key and write with \
                  its context to replace its siblings",
                 self.config.key_state_bytes_max
+            )));
+        }
+        let (entries_before, entries_after) = (before.context().len(), after.context().len());
+        if entries_after > self.config.context_entries_max && entries_after > entries_before {
+            metrics::limit_exceeded("context_entries");
+            return Err(invalid(format!(
+                "the key's causal context would grow to {entries_after} entries (limit \
+                 limits.context_entries_max = {}): it has been written through too many node \
+                 incarnations",
+                self.config.context_entries_max
             )));
         }
         if count_after >= self.config.siblings_per_key_warn && count_after > count_before {
@@ -212,7 +228,9 @@ impl NodeCore {
                 token.as_bytes(),
                 checked.keyspace,
                 checked.key,
-                self.config.context_entries_max,
+                self.config
+                    .context_entries_max
+                    .saturating_mul(CONTEXT_TOKEN_SLACK),
             )
             .map_err(|e| {
                 if matches!(e, crate::Error::ContextTooLarge { .. }) {

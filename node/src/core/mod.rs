@@ -127,6 +127,8 @@ pub struct CoreConfig {
     pub peer_down_after_ms: u64,
     pub key_bytes_max: usize,
     pub value_bytes_max: usize,
+    /// Most entries a key's causal context may reach through writes; client context tokens
+    /// are accepted up to [`CONTEXT_TOKEN_SLACK`] times as many.
     pub context_entries_max: usize,
     pub in_flight_requests_max: usize,
     pub siblings_per_key_max: usize,
@@ -152,6 +154,11 @@ impl Default for CoreConfig {
         }
     }
 }
+
+/// How many times `context_entries_max` entries a client's context token may carry: room for
+/// the join of states written concurrently at different coordinators, so a context a read hands
+/// out is never refused (see `coordinate::check_key_state`).
+pub const CONTEXT_TOKEN_SLACK: usize = 4;
 
 /// The longest timeout a request may ask for.
 const REQUEST_TIMEOUT_MAX_MS: u64 = 120_000;
