@@ -129,13 +129,17 @@ impl Tally {
         self.decided.unwrap_or(Verdict::Pending)
     }
 
-    /// What was required and what was reached, for the error a failed request returns.
+    /// What was required and what was reached, for the error a failed request returns. Each
+    /// count stops at its requirement, so an error never reads "2 of 1 durable": a
+    /// requirement that was met shows as met, whatever else fell short.
     pub fn shortfall(&self) -> Shortfall {
         Shortfall {
             required: self.required,
-            acked: self.count(State::applied),
+            acked: self.count(State::applied).min(self.required),
             durable_required: self.durable_required,
-            durable_acked: self.count(|s| s == State::Durable),
+            durable_acked: self
+                .count(|s| s == State::Durable)
+                .min(self.durable_required),
         }
     }
 
@@ -210,6 +214,12 @@ mod tests {
         assert_eq!(tally.record(&id("c"), Failed), Verdict::Failed);
         let shortfall = tally.shortfall();
         assert_eq!((shortfall.required, shortfall.acked), (3, 2));
+        // Two durable answers against one required: the error says the requirement was met,
+        // never "2 of 1 durable".
+        assert_eq!(
+            (shortfall.durable_required, shortfall.durable_acked),
+            (1, 1)
+        );
     }
 
     #[test]

@@ -252,7 +252,11 @@ fn a_read_never_hands_out_a_context_that_writes_refuse() {
     match cluster.reply(c) {
         Some(Response::Error(e)) => {
             assert_eq!(e.kind, ErrorKind::InvalidRequest);
-            assert!(e.message.contains("context_entries_max = 2"), "{}", e.message);
+            assert!(
+                e.message.contains("context_entries_max = 2"),
+                "{}",
+                e.message
+            );
         }
         other => panic!("expected the context limit, got {other:?}"),
     }
@@ -264,5 +268,49 @@ fn a_read_never_hands_out_a_context_that_writes_refuse() {
         let write = cluster.put_with(&n1, "k", "resolved", Some(context), 3);
         cluster.settle();
         assert!(cluster.written(write), "{:?}", cluster.reply(write));
+    }
+}
+
+#[test]
+fn a_durable_write_stops_waiting_for_a_replica_that_died_before_its_flush() {
+    // W = 2, dw = 2, and n3 is cut off: the write needs n2's durable answer. n2 merges the write
+    // and dies before flushing it; the write must fail as soon as n2 is found down, not wait
+    // out its (long) deadline.
+    let config = CoreConfig {
+        request_timeout_ms: 60_000,
+        ping_interval_ms: 50,
+        peer_down_after_ms: 300,
+        ..CoreConfig::default()
+    };
+    let mut cluster = Driver::new(3, 3, config);
+    let [n1, n2, n3] = cluster.ids();
+    cluster.cut(&n1, &n3);
+    let put = cluster.request(
+        &n1,
+        quorumkv_client::protocol::Request::Put {
+            keyspace: "default".into(),
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            context: None,
+            request_id: quorumkv_client::protocol::RequestId([9; 16]),
+            options: quorumkv_client::protocol::WriteOptions {
+                w: Some(2),
+                dw: Some(2),
+                timeout_ms: None,
+            },
+        },
+    );
+    // Deliver the replica write; n2 applies it, then crashes before any flush completes.
+    while cluster.deliver_next() {}
+    assert_eq!(cluster.values(&n2, "k"), ["v"]);
+    cluster.crash(&n2);
+    cluster.settle();
+    assert!(cluster.reply(put).is_none(), "still waiting for n2");
+    for _ in 0..10 {
+        cluster.advance(100);
+    }
+    match cluster.reply(put) {
+        Some(Response::Error(e)) => assert_eq!(e.kind, ErrorKind::QuorumNotReached),
+        other => panic!("n2's death must fail the write within a second, got {other:?}"),
     }
 }
