@@ -54,6 +54,10 @@ pub fn describe() {
         "Client request latency by operation."
     );
     describe_counter!(STORAGE_FLUSHES_TOTAL, "Storage flushes (fsyncs) performed.");
+    describe_gauge!(
+        IN_SERVICE,
+        "1 while the node serves, 0 once its storage failed and it stopped serving."
+    );
     describe_counter!(
         SIBLING_WARNINGS_TOTAL,
         "Writes that left a key with at least limits.siblings_per_key_warn siblings."
@@ -109,6 +113,14 @@ pub fn storage_flush(seconds: f64) {
 /// `bytes` are queued to `peer` now.
 pub fn peer_queue_bytes(peer: &str, bytes: usize) {
     gauge!(PEER_QUEUE_BYTES, "peer" => peer.to_string()).set(bytes as f64);
+}
+
+/// 1 while the node serves, 0 once it took itself out of service (its storage failed).
+pub const IN_SERVICE: &str = "quorumkv_in_service";
+
+/// Whether the node serves (it stops for good when its storage fails).
+pub fn in_service(serving: bool) {
+    gauge!(IN_SERVICE).set(if serving { 1.0 } else { 0.0 });
 }
 
 /// A write left a key with many siblings (at least `limits.siblings_per_key_warn`).

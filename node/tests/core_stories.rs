@@ -314,3 +314,47 @@ fn a_durable_write_stops_waiting_for_a_replica_that_died_before_its_flush() {
         other => panic!("n2's death must fail the write within a second, got {other:?}"),
     }
 }
+
+#[test]
+fn a_node_whose_storage_failed_takes_itself_out_of_service() {
+    let config = CoreConfig {
+        ping_interval_ms: 50,
+        peer_down_after_ms: 300,
+        ..CoreConfig::default()
+    };
+    let mut cluster = Driver::new(3, 3, config);
+    let [n1, n2, _n3] = cluster.ids();
+    cluster.storage(&n1).fail("No space left on device");
+
+    // A client at n1 is told to go elsewhere (Unavailable is retryable), and n1 says so.
+    let put = cluster.put(&n1, "k", "v", 2);
+    cluster.settle();
+    match cluster.reply(put) {
+        Some(Response::Error(e)) => {
+            assert_eq!(e.kind, ErrorKind::Unavailable);
+            assert!(e.message.contains("out of service"), "{}", e.message);
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(!cluster.core(&n1).expect("running").in_service());
+
+    // n1 answers no more pings, so its peers count it down; writes go on without it.
+    for _ in 0..5 {
+        cluster.advance(100);
+    }
+    let n1_down = cluster
+        .core(&n2)
+        .expect("running")
+        .peer_liveness()
+        .any(|(node, l)| *node == n1 && l == quorumkv_node::core::detector::Liveness::Down);
+    assert!(n1_down, "n2 still believes n1 up");
+    let put = cluster.put(&n2, "k", "v", 2);
+    cluster.settle();
+    assert!(cluster.written(put), "{:?}", cluster.reply(put));
+    // And it stays out of service until it is restarted.
+    let put = cluster.put(&n1, "k2", "v", 1);
+    cluster.settle();
+    assert!(
+        matches!(cluster.reply(put), Some(Response::Error(e)) if e.kind == ErrorKind::Unavailable)
+    );
+}

@@ -28,6 +28,9 @@ impl NodeCore {
             let response = Response::ClusterInfo(self.cluster_info());
             return self.answer(&origin, response, out);
         }
+        if let Some(reply) = self.out_of_service_reply() {
+            return self.answer(&origin, Response::Error(reply), out);
+        }
         if self.ops.len() >= self.config.in_flight_requests_max {
             metrics::limit_exceeded("in_flight_requests");
             let message = format!(

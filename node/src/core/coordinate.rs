@@ -9,8 +9,8 @@
 //! deadline. Riak's `put_fsm`/`get_fsm` and Garage's `rpc_helper` are the models.
 
 use super::{
-    error, internal, invalid, quorum_not_reached, read_quorum, write_quorum, Checked,
-    DurableWaiter, NodeCore, Now, Op, Origin, Output, ReadOp, WriteOp, CONTEXT_TOKEN_SLACK,
+    error, invalid, quorum_not_reached, read_quorum, write_quorum, Checked, DurableWaiter,
+    NodeCore, Now, Op, Origin, Output, ReadOp, WriteOp, CONTEXT_TOKEN_SLACK,
 };
 use crate::metrics;
 use crate::peer::{OpId, PeerMessage};
@@ -42,7 +42,7 @@ impl NodeCore {
         let client_context = self.decode_context(checked, context)?;
         let mut state = storage
             .read(checked.keyspace, checked.key)
-            .map_err(|e| internal(format!("reading the local copy failed: {e}")))?
+            .map_err(|e| self.storage_error("reading the local copy", e))?
             .unwrap_or_default();
         let before = state.clone();
         let dot = self.clock.next_dot(&state);
@@ -58,7 +58,7 @@ impl NodeCore {
         self.check_key_state(&before, &state)?;
         let merged = storage
             .merge(checked.keyspace, checked.key, &state, &[])
-            .map_err(|e| internal(format!("writing the local copy failed: {e}")))?;
+            .map_err(|e| self.storage_error("writing the local copy", e))?;
         let reply_context = Context::from_bytes(version_vector::encode_token(
             &outcome.context,
             checked.keyspace,
@@ -166,7 +166,7 @@ impl NodeCore {
         let r = read_quorum(checked.n, options)?;
         let local = storage
             .read(checked.keyspace, checked.key)
-            .map_err(|e| internal(format!("reading the local copy failed: {e}")))?
+            .map_err(|e| self.storage_error("reading the local copy", e))?
             .unwrap_or_default();
         let op = self.new_op();
         let mut tally = Tally::new(checked.preference_list.iter().cloned(), r, 0);

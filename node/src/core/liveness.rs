@@ -1,6 +1,7 @@
 //! Time and failures: deadlines, pings, and replicas found down.
 //!
-//! On every tick the failure detector sends its pings and reports peers silent for too long;
+//! On every tick the failure detector sends its pings (none while the node is out of service:
+//! a silent node is what peers must see) and reports peers silent for too long;
 //! requests waiting on a replica that went down count it failed at once, so they fail fast
 //! instead of waiting for their deadline. Requests past their deadline are answered with what
 //! they reached. The shell delivers a tick as soon as [`NodeCore::next_deadline_ms`] passes,
@@ -14,6 +15,9 @@ use quorumkv_ring::NodeId;
 impl NodeCore {
     pub(super) fn on_tick(&mut self, now: Now, out: &mut Vec<Output>) {
         let (pings, transitions) = self.detector.tick(now.monotonic_ms);
+        // Out of service, the node falls silent (no pings, no pongs), so its peers count it
+        // down and send it nothing more.
+        let pings = if self.in_service() { pings } else { Vec::new() };
         for (to, nonce) in pings {
             out.push(Output::Send {
                 to,

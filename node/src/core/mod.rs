@@ -310,6 +310,9 @@ pub struct NodeCore {
     congested: BTreeSet<NodeId>,
     /// This process start's random id, the first half of every [`OpId`] it issues.
     instance: u64,
+    /// Why this node took itself out of service, if it did: its storage engine failed (an I/O
+    /// error, a failed flush, engine corruption). See [`NodeCore::in_service`].
+    out_of_service: Option<String>,
     next_op: u64,
     durable_waiters: BTreeMap<WriteSeq, Vec<DurableWaiter>>,
     flush_in_flight: bool,
@@ -345,6 +348,7 @@ impl NodeCore {
             deadlines: BTreeSet::new(),
             congested: BTreeSet::new(),
             instance,
+            out_of_service: None,
             next_op: 1,
             durable_waiters: BTreeMap::new(),
             flush_in_flight: false,
@@ -359,6 +363,15 @@ impl NodeCore {
     /// The actor clock, for the clean-shutdown record.
     pub fn clock(&self) -> &ActorClock {
         &self.clock
+    }
+
+    /// Whether the node serves. A node whose storage engine failed takes itself out of service
+    /// for good (sled refuses all work after an I/O error until it is reopened, which means a
+    /// restart): it answers client requests `Unavailable` (retryable, so clients go to another
+    /// replica), fails replica writes and reads at once, stops answering pings so peers'
+    /// failure detectors count it down, and the shell reports it not ready.
+    pub fn in_service(&self) -> bool {
+        self.out_of_service.is_none()
     }
 
     /// Requests being coordinated or forwarded now.
@@ -534,6 +547,52 @@ fn invalid(message: String) -> ErrorReply {
         kind: ErrorKind::InvalidRequest,
         message,
         quorum: None,
+    }
+}
+
+impl NodeCore {
+    /// Turns a storage error met while serving into the caller's error. An engine failure takes
+    /// the node out of service (see [`NodeCore::in_service`]) and is `Unavailable`, so clients
+    /// retry on another replica; a corrupt state of one key is that key's `Internal` error.
+    fn storage_error(&mut self, what: &str, error: crate::Error) -> ErrorReply {
+        if self.note_storage_failure(&error) {
+            ErrorReply {
+                kind: ErrorKind::Unavailable,
+                message: format!("node {} is out of service: {what} failed: {error}", self.me),
+                quorum: None,
+            }
+        } else {
+            internal(format!("{what} failed: {error}"))
+        }
+    }
+
+    /// Takes the node out of service if `error` is a failure of the storage engine itself
+    /// (not of one key's bytes); returns whether the node is out of service.
+    fn note_storage_failure(&mut self, error: &crate::Error) -> bool {
+        let engine = matches!(
+            error,
+            crate::Error::Storage { .. } | crate::Error::StorageCorrupt { .. }
+        );
+        if engine && self.out_of_service.is_none() {
+            tracing::error!(node = %self.me, %error, "storage failed; taking this node out of service");
+            metrics::in_service(false);
+            self.out_of_service = Some(error.to_string());
+        }
+        self.out_of_service.is_some()
+    }
+
+    /// The answer to any request while out of service.
+    fn out_of_service_reply(&self) -> Option<ErrorReply> {
+        let reason = self.out_of_service.as_ref()?;
+        Some(ErrorReply {
+            kind: ErrorKind::Unavailable,
+            message: format!(
+                "node {} is out of service since its storage failed ({reason}); \
+                 restart it after fixing the cause",
+                self.me
+            ),
+            quorum: None,
+        })
     }
 }
 

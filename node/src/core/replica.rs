@@ -56,17 +56,20 @@ impl NodeCore {
                 self.on_progress(op, &from, ReplicaProgress::Failed, out)
             }
             PeerMessage::Read { op, keyspace, key } => {
-                let message = match storage.read(&keyspace, &key) {
+                let read = match self.out_of_service_reply() {
+                    Some(reply) => Err(reply.message),
+                    None => storage
+                        .read(&keyspace, &key)
+                        .map_err(|e| self.storage_error("reading a key", e).message),
+                };
+                let message = match read {
                     Ok(state) => PeerMessage::ReadReply {
                         op,
                         state: state.map(|s| s.encode_canonical()),
                         keyspace,
                         key,
                     },
-                    Err(e) => PeerMessage::Failed {
-                        op,
-                        reason: e.to_string(),
-                    },
+                    Err(reason) => PeerMessage::Failed { op, reason },
                 };
                 out.push(Output::Send { to: from, message });
             }
@@ -76,10 +79,13 @@ impl NodeCore {
                 key,
                 state,
             } => self.on_read_reply(op, &from, (&keyspace, &key), state.as_deref(), out),
-            PeerMessage::Ping { nonce } => out.push(Output::Send {
+            // Out of service, the node stays silent, so peers' detectors count it down and stop
+            // sending it work.
+            PeerMessage::Ping { nonce } if self.in_service() => out.push(Output::Send {
                 to: from,
                 message: PeerMessage::Pong { nonce },
             }),
+            PeerMessage::Ping { .. } => {}
             PeerMessage::Pong { .. } => {}
         }
     }
@@ -96,7 +102,9 @@ impl NodeCore {
         storage: &dyn Storage,
         out: &mut Vec<Output>,
     ) {
-        let result = if !self.map.keyspaces.contains_key(keyspace) {
+        let result = if let Some(reply) = self.out_of_service_reply() {
+            Err(reply.message)
+        } else if !self.map.keyspaces.contains_key(keyspace) {
             Err(format!("unknown keyspace `{keyspace}`"))
         } else if key.is_empty() || key.len() > self.config.key_bytes_max {
             Err(format!(
@@ -104,13 +112,13 @@ impl NodeCore {
                 key.len()
             ))
         } else {
-            KeyState::decode(state)
-                .map_err(|e| e.to_string())
-                .and_then(|incoming| {
-                    storage
-                        .merge(keyspace, key, &incoming, &[])
-                        .map_err(|e| e.to_string())
-                })
+            match KeyState::decode(state) {
+                Err(e) => Err(e.to_string()),
+                Ok(incoming) => match storage.merge(keyspace, key, &incoming, &[]) {
+                    Ok(merged) => Ok(merged),
+                    Err(e) => Err(self.storage_error("merging a replica write", e).message),
+                },
+            }
         };
         match result {
             Ok(merged) => {

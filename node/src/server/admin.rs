@@ -20,7 +20,8 @@ use tokio::sync::oneshot;
 
 #[derive(Clone)]
 struct AdminState {
-    ready: Arc<AtomicBool>,
+    /// Ready when every flag is true (started, and the core in service).
+    ready: Vec<Arc<AtomicBool>>,
     prometheus: Option<PrometheusHandle>,
 }
 
@@ -41,7 +42,7 @@ impl AdminServer {
 /// Binds `address` and serves the admin endpoints in the background.
 pub async fn serve(
     address: SocketAddr,
-    ready: Arc<AtomicBool>,
+    ready: Vec<Arc<AtomicBool>>,
     prometheus: Option<PrometheusHandle>,
 ) -> Result<AdminServer> {
     let state = AdminState { ready, prometheus };
@@ -73,7 +74,7 @@ pub async fn serve(
 }
 
 async fn ready_handler(State(state): State<AdminState>) -> (StatusCode, &'static str) {
-    if state.ready.load(Ordering::SeqCst) {
+    if state.ready.iter().all(|flag| flag.load(Ordering::SeqCst)) {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

@@ -39,7 +39,7 @@ use crate::storage::Storage;
 use crate::transport::Transport;
 use quorumkv_client::protocol::{ErrorKind, ErrorReply, Request, Response};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
@@ -246,6 +246,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct RunningCore {
     pub handle: CoreHandle,
     pub task: JoinHandle<NodeCore>,
+    /// False once the core took itself out of service (see `NodeCore::in_service`); `/ready`
+    /// reads it.
+    pub in_service: Arc<AtomicBool>,
 }
 
 /// Starts the core task and its flusher. The core stops when `stop` turns true.
@@ -266,9 +269,11 @@ pub fn spawn(
         inbox_tx.clone(),
         stop.clone(),
     ));
+    let in_service = Arc::new(AtomicBool::new(true));
     let shell = Shell {
         storage,
         transport,
+        in_service: in_service.clone(),
         pending: pending.clone(),
         flush_wanted,
         clock_origin,
@@ -281,6 +286,7 @@ pub fn spawn(
             next_handle: Arc::new(AtomicU64::new(1)),
         },
         task,
+        in_service,
     }
 }
 
@@ -299,6 +305,7 @@ pub fn now(clock_origin: Instant) -> Now {
 struct Shell {
     storage: Arc<dyn Storage>,
     transport: Arc<dyn Transport>,
+    in_service: Arc<AtomicBool>,
     pending: Pending,
     flush_wanted: Arc<Notify>,
     clock_origin: Instant,
@@ -351,6 +358,9 @@ impl Shell {
             }
         }
         metrics::in_flight(core.in_flight());
+        if !core.in_service() {
+            self.in_service.store(false, Ordering::SeqCst);
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use crate::storage::sled_store::{SledOptions, SledStorage};
 use crate::storage::Storage;
 use crate::transport::quic::{PeerRoute, QuicTransport, QuicTransportConfig};
 use crate::version_vector::{on_clean_shutdown, on_start};
-use crate::{tls, Result as NodeResult};
+use crate::{metrics, tls, Result as NodeResult};
 use quorumkv_ring::{Node, Ring, RingConfig};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -175,7 +175,13 @@ pub async fn run(
     );
 
     let ready = Arc::new(AtomicBool::new(false));
-    let admin = admin::serve(config.admin_listen, ready.clone(), prometheus).await?;
+    metrics::in_service(true);
+    let admin = admin::serve(
+        config.admin_listen,
+        vec![ready.clone(), running.in_service.clone()],
+        prometheus,
+    )
+    .await?;
     let listener = tokio::spawn(listener::accept(
         endpoint.clone(),
         listener::ListenerConfig {

@@ -117,6 +117,9 @@ struct Inner {
     /// rmp-serde bytes of the incarnation record; kept encoded so the codec is exercised as
     /// the sled store exercises it. Always durable, so there is one copy.
     incarnation: Option<Vec<u8>>,
+    /// Set by [`MemoryStorage::fail`]: every operation fails with it, as sled does after an
+    /// I/O error, until a restart ([`MemoryStorage::crash`]) reopens the store.
+    failure: Option<String>,
 }
 
 impl Inner {
@@ -135,6 +138,7 @@ impl Inner {
             durable: self.durable.clone(),
             pending: Vec::new(),
             incarnation: self.incarnation.clone(),
+            failure: None,
         }
     }
 }
@@ -149,6 +153,12 @@ impl MemoryStorage {
     /// An empty store.
     pub fn new() -> MemoryStorage {
         MemoryStorage::default()
+    }
+
+    /// Simulates a failed disk: from now on every operation fails with an I/O error naming
+    /// `reason`, as sled does after one, until [`MemoryStorage::crash`] (a restart) reopens it.
+    pub fn fail(&self, reason: &str) {
+        self.lock().failure = Some(reason.to_string());
     }
 
     /// Simulates a power cut and restart in place: everything not flushed is lost, and the
@@ -180,8 +190,21 @@ impl MemoryStorage {
     }
 }
 
+impl MemoryStorage {
+    fn check_failure(&self, operation: &'static str) -> Result<()> {
+        match &self.lock().failure {
+            Some(reason) => Err(Error::Storage {
+                operation,
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Storage for MemoryStorage {
     fn read(&self, keyspace: &str, key: &[u8]) -> Result<Option<KeyState>> {
+        self.check_failure("read")?;
         let inner = self.lock();
         let stored = inner
             .volatile
@@ -198,6 +221,7 @@ impl Storage for MemoryStorage {
         incoming: &KeyState,
         aux: &[AuxWrite],
     ) -> Result<Merged> {
+        self.check_failure("merge")?;
         let skey = storage_key(keyspace, key);
         let mut inner = self.lock();
         let current = inner
@@ -248,6 +272,7 @@ impl Storage for MemoryStorage {
     }
 
     fn flush(&self) -> Result<WriteSeq> {
+        self.check_failure("flush")?;
         Ok(self.lock().flush())
     }
 
@@ -256,6 +281,7 @@ impl Storage for MemoryStorage {
     }
 
     fn scan(&self, keyspace: &str, first: Token, last: Token) -> Result<Vec<StoredKey>> {
+        self.check_failure("scan")?;
         if first > last {
             return Ok(Vec::new());
         }
@@ -288,6 +314,7 @@ impl Storage for MemoryStorage {
     }
 
     fn aux(&self, table: AuxTable, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.check_failure("aux read")?;
         let inner = self.lock();
         Ok(inner
             .volatile
@@ -307,6 +334,7 @@ impl Storage for MemoryStorage {
     }
 
     fn set_incarnation(&self, record: &IncarnationRecord) -> Result<()> {
+        self.check_failure("write incarnation")?;
         let bytes = super::encode_incarnation(record)?;
         let mut inner = self.lock();
         inner.incarnation = Some(bytes);
