@@ -346,6 +346,7 @@ impl Cluster {
                 name: DEFAULT_KEYSPACE.into(),
                 n: 2,
             }],
+            request_timeout_ms: None,
         });
         Cluster {
             ca,
