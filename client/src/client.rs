@@ -736,6 +736,8 @@ impl Client {
         let mut ready: VecDeque<(AttemptId, Report)> = VecDeque::new();
         let mut waiting: HashMap<AttemptId, AbortOnDrop> = HashMap::new();
         let mut connections: HashMap<AttemptId, quinn::Connection> = HashMap::new();
+        // Attempts sent and not answered yet.
+        let mut sent: Vec<AttemptId> = Vec::new();
         let mut attempt_target: HashMap<AttemptId, usize> = HashMap::new();
         let mut results: HashMap<AttemptId, Result<Response>> = HashMap::new();
         let mut unreachable: Vec<(AttemptId, String, String)> = Vec::new();
@@ -773,6 +775,7 @@ impl Client {
                         let Some(connection) = connections.remove(&attempt) else {
                             continue;
                         };
+                        sent.push(attempt);
                         let target = targets[attempt_target[&attempt]].clone();
                         let exchange = Arc::clone(&inner.nodes).exchange(
                             target,
@@ -794,6 +797,14 @@ impl Client {
                         connections.remove(&attempt);
                     }
                     Action::Finish(finish) => {
+                        if let Finish::Answer(winner) = finish {
+                            // Whoever has not answered by now lost a hedge.
+                            for loser in sent.iter().filter(|&&attempt| attempt != winner) {
+                                inner
+                                    .nodes
+                                    .note_lost_hedge(&targets[attempt_target[loser]].label);
+                            }
+                        }
                         return match finish {
                             Finish::Answer(attempt) | Finish::Retryable(attempt) => {
                                 results.remove(&attempt).unwrap_or_else(|| {
@@ -841,6 +852,7 @@ impl Client {
                 }
                 Report::Ended(result) => {
                     waiting.remove(&attempt);
+                    sent.retain(|&sent| sent != attempt);
                     let label = &targets[attempt_target[&attempt]].label;
                     let outcome = match result {
                         Ok(Response::Error(reply)) => {

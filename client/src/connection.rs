@@ -341,6 +341,12 @@ impl Nodes {
         }
     }
 
+    /// Records that `label` has not answered a read another node answered first.
+    pub(crate) fn note_lost_hedge(&self, label: &str) {
+        tracing::debug!(node = %label, "a hedged read was answered elsewhere first");
+        self.health().mark_suspect(label, Instant::now());
+    }
+
     /// How `label` should be routed now.
     pub(crate) fn route_state(&self, label: &str, now: Instant) -> RouteState {
         self.health().route_state(label, now)

@@ -22,6 +22,16 @@
 //! backoff: several requests that were waiting on the same dead connection fail together, and
 //! that is one failure, not many.
 //!
+//! # Suspect
+//!
+//! A node that lost a hedged read (another replica answered first while it still had not) is
+//! *suspect* ([`Health::mark_suspect`]): routed last like a down node, but not probed, for at
+//! most `down_backoff_base`, cleared sooner by its next answer, and turned into down by its next
+//! failure. A node that died while
+//! the client was connected is usually found that way first, by a read, and the next write
+//! then goes elsewhere at once instead of waiting for the dead connection to be noticed; a node
+//! that was merely slow clears itself as soon as its late answer arrives.
+//!
 //! # Sizing timeouts to the network
 //!
 //! Each successful dial's duration (QUIC and TLS handshake, from the first packet to the
@@ -98,6 +108,8 @@ pub(crate) enum RouteState {
     Up,
     /// Route last.
     Down,
+    /// Route last: it lost a hedged read and has not answered since.
+    Suspect,
     /// Route last, and dial it in the background to see whether it is back.
     ProbeDue,
 }
@@ -117,6 +129,8 @@ struct NodeState {
     handshake: Option<Smoothed>,
     /// Consecutive failures; 0 while up.
     failures: u32,
+    /// Lost a hedged read and has not answered since: routed last until then.
+    suspect_until: Option<Instant>,
     /// While down: when it becomes due for a probe.
     down_until: Option<Instant>,
     dials: u64,
@@ -132,6 +146,8 @@ pub struct NodeStats {
     pub node: String,
     /// Whether the node is marked down (routed last) now.
     pub down: bool,
+    /// Whether the node lost a hedged read and has not answered since (also routed last).
+    pub suspect: bool,
     /// Consecutive failures (dials, broken or silent connections); 0 when up.
     pub consecutive_failures: u32,
     /// Dials started.
@@ -196,6 +212,7 @@ impl Health {
         if state.down_until.is_some_and(|until| now < until) {
             return Marked::AlreadyDown;
         }
+        state.suspect_until = None;
         state.failures = state.failures.saturating_add(1);
         let period = backoff.after(state.failures);
         state.down_until = Some(now + period);
@@ -213,12 +230,27 @@ impl Health {
         let was_down = state.down_until.is_some();
         state.down_until = None;
         state.failures = 0;
+        state.suspect_until = None;
         was_down
+    }
+
+    /// Records that `node` has not answered a read that another node answered first. A node
+    /// already down stays down.
+    pub(crate) fn mark_suspect(&mut self, node: &str, now: Instant) {
+        let period = self.backoff.base;
+        let state = self.node(node);
+        if state.down_until.is_none() {
+            state.suspect_until = Some(now + period);
+        }
     }
 
     /// How `node` should be routed at `now`.
     pub(crate) fn route_state(&self, node: &str, now: Instant) -> RouteState {
-        match self.nodes.get(node).and_then(|state| state.down_until) {
+        let Some(state) = self.nodes.get(node) else {
+            return RouteState::Up;
+        };
+        match state.down_until {
+            None if state.suspect_until.is_some_and(|until| now < until) => RouteState::Suspect,
             None => RouteState::Up,
             Some(until) if now < until => RouteState::Down,
             Some(_) => RouteState::ProbeDue,
@@ -325,7 +357,8 @@ impl Health {
             .iter()
             .map(|(node, state)| NodeStats {
                 node: node.clone(),
-                down: self.is_down(node, now),
+                down: state.down_until.is_some(),
+                suspect: state.suspect_until.is_some_and(|until| now < until),
                 consecutive_failures: state.failures,
                 dials: state.dials,
                 dial_failures: state.dial_failures,
@@ -401,6 +434,28 @@ mod tests {
                 failures: 1
             }
         );
+    }
+
+    #[test]
+    fn a_node_that_lost_a_hedge_is_suspect_until_it_answers_or_fails() {
+        let mut health = health();
+        let t0 = Instant::now();
+        health.mark_suspect("a", t0);
+        assert_eq!(health.route_state("a", t0), RouteState::Suspect);
+        assert!(health.is_down("a", t0), "routed last");
+        assert!(health.snapshot(t0)[0].suspect);
+        // For one base backoff at most, if nothing else is heard of it.
+        assert_eq!(health.route_state("a", t0 + ms(1000)), RouteState::Up);
+        // Its late answer clears it, and that was no recovery from down.
+        assert!(!health.mark_up("a"));
+        assert_eq!(health.route_state("a", t0), RouteState::Up);
+        // A failure turns suspicion into down; suspicion never hides down.
+        health.mark_suspect("a", t0);
+        health.mark_down("a", t0);
+        assert_eq!(health.route_state("a", t0), RouteState::Down);
+        health.mark_suspect("a", t0);
+        assert_eq!(health.route_state("a", t0 + ms(1000)), RouteState::ProbeDue);
+        assert!(!health.snapshot(t0)[0].suspect);
     }
 
     #[test]

@@ -265,7 +265,23 @@ async fn a_slow_replica_gets_a_read_hedged_to_the_next_one() {
         let log = cluster.take_log();
         assert_eq!(requests_to(&log, "n2").len(), 1, "{log:?}");
         assert_eq!(requests_to(&log, "n1").len(), 1, "the hedge: {log:?}");
-        assert_eq!(client.stats().hedges, 1);
+        let stats = client.stats();
+        assert_eq!(stats.hedges, 1);
+        // n2 lost the hedge and has not answered since: the next write goes to n1 at once.
+        assert!(node(&stats, "n2").unwrap().suspect, "{stats:?}");
+        let (written, elapsed) = timed(client.put(
+            DEFAULT_KEYSPACE,
+            &key,
+            b"v".to_vec(),
+            None,
+            WriteOptions::default(),
+        ))
+        .await;
+        written.unwrap();
+        assert!(elapsed < FAST, "the put took {elapsed:?}");
+        let log = cluster.take_log();
+        assert_eq!(requests_to(&log, "n1").len(), 1, "{log:?}");
+        assert!(requests_to(&log, "n2").is_empty(), "{log:?}");
     })
     .await;
 }
