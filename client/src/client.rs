@@ -561,9 +561,10 @@ impl Client {
         }
     }
 
-    /// Closes every connection, abandons dials in progress, and waits a moment (at most the
-    /// connect timeout sized to the network) for the nodes to be told, so they free their state
-    /// at once instead of after an idle timeout.
+    /// Closes every connection, abandons dials in progress, and waits until each close has been
+    /// sent (at most the connect timeout sized to the network), so the nodes free their state at
+    /// once instead of after an idle timeout. It does not wait for the closes' draining period,
+    /// nor for dials that never completed: a dead node has nobody to tell.
     pub async fn close(&self) {
         let settings = &self.inner.settings;
         // A dial to no particular node: the slowest handshake bound seen, or the ceiling.
@@ -572,8 +573,14 @@ impl Client {
             settings.connect_timeout_min,
             settings.connect_timeout_max,
         );
-        for endpoint in self.inner.nodes.close_all() {
-            let _ = tokio::time::timeout(linger, endpoint.wait_idle()).await;
+        let closed = self.inner.nodes.close_all();
+        let deadline = tokio::time::Instant::now() + linger;
+        while closed
+            .iter()
+            .any(|(connection, sent)| connection.stats().udp_tx.datagrams <= *sent)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
@@ -637,7 +644,7 @@ impl Client {
         let ids = match &topology {
             Some(topology) => {
                 let health = self.inner.nodes.health();
-                topology.order_for_key(keyspace, key, |id| health.is_down(id, now))
+                topology.order_for_key(keyspace, key, |id| routed_last(&health, topology, id, now))
             }
             None => Vec::new(),
         };
@@ -650,7 +657,7 @@ impl Client {
         let ids = match &topology {
             Some(topology) => {
                 let health = self.inner.nodes.health();
-                topology.order_any(|id| health.is_down(id, now))
+                topology.order_any(|id| routed_last(&health, topology, id, now))
             }
             None => Vec::new(),
         };
@@ -793,16 +800,23 @@ impl Client {
                         });
                     }
                     Action::Abandon(attempt) => {
-                        waiting.remove(&attempt);
+                        if waiting.remove(&attempt).is_some() {
+                            // Its dial had not completed when another node's connection did.
+                            inner
+                                .nodes
+                                .note_lost_race(&targets[attempt_target[&attempt]]);
+                        }
                         connections.remove(&attempt);
                     }
                     Action::Finish(finish) => {
                         if let Finish::Answer(winner) = finish {
-                            // Whoever has not answered by now lost a hedge.
+                            // Whoever has not answered by now lost a hedge, and whoever has not
+                            // connected by now lost a race.
                             for loser in sent.iter().filter(|&&attempt| attempt != winner) {
-                                inner
-                                    .nodes
-                                    .note_lost_hedge(&targets[attempt_target[loser]].label);
+                                inner.nodes.note_lost_hedge(&targets[attempt_target[loser]]);
+                            }
+                            for loser in waiting.keys() {
+                                inner.nodes.note_lost_race(&targets[attempt_target[loser]]);
                             }
                         }
                         return match finish {
@@ -903,6 +917,20 @@ impl Client {
             }
         }
     }
+}
+
+/// Whether node `id` goes to the end of an order: it is down, due for a probe or suspect, or
+/// was just found so as a seed under its address (a fresh client dials seeds by address before
+/// it knows their ids). A seed's state counts only until its period runs out: seeds that are
+/// known nodes are never dialed again, so nothing would clear it.
+fn routed_last(health: &Health, topology: &Topology, id: &str, now: Instant) -> bool {
+    health.is_down(id, now)
+        || topology.address(id).is_some_and(|address| {
+            matches!(
+                health.route_state(address, now),
+                RouteState::Down | RouteState::Suspect
+            )
+        })
 }
 
 /// The per-attempt bound: the request's own timeout (clamped as the node clamps it) plus

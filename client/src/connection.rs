@@ -298,6 +298,11 @@ impl Nodes {
         }
         match result {
             Ok(_) => {
+                tracing::debug!(
+                    node = %label,
+                    handshake_ms = elapsed.as_secs_f64() * 1e3,
+                    "connected"
+                );
                 let mut health = self.health();
                 health.record_handshake(label, elapsed);
                 if health.mark_up(label) {
@@ -341,10 +346,19 @@ impl Nodes {
         }
     }
 
-    /// Records that `label` has not answered a read another node answered first.
-    pub(crate) fn note_lost_hedge(&self, label: &str) {
-        tracing::debug!(node = %label, "a hedged read was answered elsewhere first");
-        self.health().mark_suspect(label, Instant::now());
+    /// Records that `target` has not answered a read another node answered first.
+    pub(crate) fn note_lost_hedge(&self, target: &Target) {
+        tracing::debug!(node = %target.label, "a hedged read was answered elsewhere first");
+        self.health().mark_suspect(&target.label, Instant::now());
+    }
+
+    /// Records that a dial to `target` was still pending when another node's connection got the
+    /// request, unless it has completed since.
+    pub(crate) fn note_lost_race(&self, target: &Target) {
+        if self.ready_connection(target).is_none() {
+            tracing::debug!(node = %target.label, "a dial lost a race to another node");
+            self.health().mark_suspect(&target.label, Instant::now());
+        }
     }
 
     /// How `label` should be routed now.
@@ -402,20 +416,27 @@ impl Nodes {
         outcome
     }
 
-    /// Closes every connection, abandons every dial, and returns the endpoints to wait on.
-    pub(crate) fn close_all(&self) -> Vec<quinn::Endpoint> {
+    /// Closes every connection and abandons every dial. Returns each closed connection with
+    /// the count of datagrams it had sent before its close, so the caller can wait until the
+    /// close itself has gone out.
+    pub(crate) fn close_all(&self) -> Vec<(quinn::Connection, u64)> {
         let links: Vec<Link> = lock(&self.links)
             .map
             .drain()
             .map(|(_, link)| link)
             .collect();
+        let mut closed = Vec::new();
         for link in links {
             match link {
-                Link::Ready(connection) => connection.close(0u32.into(), b"client closing"),
+                Link::Ready(connection) => {
+                    let sent = connection.stats().udp_tx.datagrams;
+                    connection.close(0u32.into(), b"client closing");
+                    closed.push((connection, sent));
+                }
                 Link::Dialing { task, .. } => task.abort(),
             }
         }
-        self.endpoints.all()
+        closed
     }
 
     /// Resolves `target.address` and connects to the first address that completes a handshake.
@@ -528,13 +549,6 @@ impl Endpoints {
         let endpoint = quinn::Endpoint::client(local)?;
         *slot = Some(endpoint.clone());
         Ok(endpoint)
-    }
-
-    fn all(&self) -> Vec<quinn::Endpoint> {
-        [&self.v4, &self.v6]
-            .into_iter()
-            .filter_map(|slot| lock(slot).clone())
-            .collect()
     }
 }
 

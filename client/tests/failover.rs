@@ -127,6 +127,46 @@ async fn a_fresh_client_sends_a_write_for_a_dead_replica_to_the_next_one_after_a
 }
 
 #[tokio::test]
+async fn a_seed_that_lost_the_bootstrap_race_is_routed_last_under_its_node_id() {
+    bounded(async {
+        let cluster = Cluster::start_with(Setup {
+            relay_n2: true,
+            ..Setup::default()
+        });
+        let relay = cluster.relay.as_ref().unwrap();
+        relay.play_dead(true);
+        // A CLI process: the dead node is the first seed, and its keys are asked for next.
+        let client = ClientBuilder::new()
+            .seeds([relay.address.to_string(), cluster.n1.address.to_string()])
+            .identity(cluster.ca.client_identity())
+            .connect_timeout(OLD_STALL)
+            .build()
+            .await
+            .unwrap();
+        let races_after_bootstrap = client.stats().connect_races;
+        assert_eq!(races_after_bootstrap, 1, "{:?}", client.stats());
+        cluster.take_log();
+        let key = cluster.keys_coordinated_by("n2", 1).remove(0);
+        let (written, elapsed) = timed(client.put(
+            DEFAULT_KEYSPACE,
+            &key,
+            b"v".to_vec(),
+            None,
+            WriteOptions::default(),
+        ))
+        .await;
+        written.unwrap();
+        assert!(elapsed < FAST, "the put took {elapsed:?}");
+        // n2's address lost the race as a seed, so n2 went last: no dial by its id, no race.
+        let stats = client.stats();
+        assert_eq!(stats.connect_races, races_after_bootstrap, "{stats:?}");
+        assert!(node(&stats, "n2").is_none(), "{stats:?}");
+        assert_eq!(requests_to(&cluster.take_log(), "n1").len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_node_marked_down_is_skipped_by_the_next_requests_and_probed_back_later() {
     bounded(async {
         let cluster = Cluster::start_with(Setup {
