@@ -46,9 +46,11 @@
 //! A fresh client (a CLI process) knows nothing about the cluster's health, so it does what
 //! Happy Eyeballs does with addresses: it dials the first seed, and if that has not connected
 //! after a short delay (50 ms at first, then one handshake bound, at most 250 ms) it dials the
-//! next one too, and uses whichever connects first. The same race picks the coordinator when
-//! the key's first replica does not connect: a dead seed or replica costs a fresh process one
-//! such delay, not a timeout. A long-lived client already connected to a node that dies notices
+//! next one too, and uses whichever connects first. A seed whose dial lost that race is
+//! suspect, and so is the node at its address once the cluster is known, so the key's request
+//! goes to another replica at once. The same race picks the coordinator when the key's first
+//! replica does not connect: a dead seed or replica costs a fresh process one such delay, not a
+//! timeout. A long-lived client already connected to a node that dies notices
 //! within the silence timeout (at least 500 ms) and, for reads, sooner: a read with no answer
 //! after a high percentile of recent read latencies ([`Hedge`], by default p99 between 20 ms
 //! and 500 ms) is sent to the next replica too.

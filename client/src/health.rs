@@ -24,10 +24,11 @@
 //!
 //! # Suspect
 //!
-//! A node that lost a hedged read (another replica answered first while it still had not) is
-//! *suspect* ([`Health::mark_suspect`]): routed last like a down node, but not probed, for at
-//! most `down_backoff_base`, cleared sooner by its next answer, and turned into down by its next
-//! failure. A node that died while
+//! A node that lost a hedged read (another replica answered first while it still had not), or
+//! whose dial lost a race (another node's connection got the request while its dial was still
+//! pending), is *suspect* ([`Health::mark_suspect`]): routed last like a down node, but not
+//! probed, for at most `down_backoff_base`, cleared sooner by its next answer or completed dial,
+//! and turned into down by its next failure. A node that died while
 //! the client was connected is usually found that way first, by a read, and the next write
 //! then goes elsewhere at once instead of waiting for the dead connection to be noticed; a node
 //! that was merely slow clears itself as soon as its late answer arrives.
