@@ -81,20 +81,20 @@
 //! [`Error::AuthenticationRefused`], which is never retried: another node of the same cluster
 //! would refuse the same certificate.
 
-use crate::connection::{encode_request, AttemptError, ConnectBounds, Nodes, Target};
+use crate::attempts::{Attempts, Counters};
+use crate::connection::{encode_request, ConnectBounds, Nodes, Target};
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::failover::{Action, AttemptId, Event, Failover, Finish, Kind, Outcome, Plan, Reason};
+use crate::failover::{Failover, Kind, Plan};
 use crate::health::{DownBackoff, Health, NodeStats, RouteState};
 use crate::protocol::{
-    ErrorKind, ErrorReply, ReadOptions, Request, RequestId, Response, SiblingValue, WriteOptions,
+    ReadOptions, Request, RequestId, Response, SiblingValue, WriteOptions,
     DEFAULT_REQUEST_TIMEOUT_MS, REQUEST_TIMEOUT_MAX_MS,
 };
 use crate::route::{backoff_delay, Topology};
 use crate::tls::{node_server_name, TlsIdentity, SEED_SERVER_NAME};
-use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -411,28 +411,6 @@ struct Inner {
     counters: Counters,
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    requests: AtomicU64,
-    hedges: AtomicU64,
-    connect_races: AtomicU64,
-}
-
-/// What an attempt's task reports to its request.
-enum Report {
-    Connected(quinn::Connection),
-    Ended(Result<Response, AttemptError>),
-}
-
-/// Aborts a task when dropped: a request that ends (or is dropped) stops waiting for dials.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 impl Client {
     /// Starts configuring a client; see [`ClientBuilder`].
     pub fn builder() -> ClientBuilder {
@@ -701,7 +679,8 @@ impl Client {
         targets
     }
 
-    /// Runs one request over `targets` under the failover policy in the module docs.
+    /// Runs one request over `targets` under the failover policy in the module docs: the pure
+    /// `Failover` decides, `attempts` carries its decisions out.
     async fn execute(
         &self,
         request: &Request,
@@ -710,12 +689,28 @@ impl Client {
         attempt_timeout: Duration,
     ) -> Result<Response> {
         let inner = &self.inner;
-        let settings = inner.settings;
         inner.counters.requests.fetch_add(1, Ordering::Relaxed);
         // Encoded once: every attempt sends the same bytes, request id included.
-        let frame = encode_request(request, settings.max_frame_bytes)?;
-        // Computed before the plan: each takes the health lock, which is not reentrant.
-        let connect_race_delay = inner
+        let frame = encode_request(request, inner.settings.max_frame_bytes)?;
+        let failover = Failover::new(self.plan(kind, &targets));
+        let attempts = Attempts::new(
+            &inner.nodes,
+            &inner.counters,
+            &targets,
+            frame,
+            kind,
+            attempt_timeout,
+        );
+        attempts.run(failover).await
+    }
+
+    /// The failover plan of one request: its retries' backoffs and the race and hedge delays
+    /// sized from what the client has seen.
+    fn plan(&self, kind: Kind, targets: &[Target]) -> Plan {
+        let settings = &self.inner.settings;
+        // Each of these takes the health lock, which is not reentrant: one at a time.
+        let connect_race_delay = self
+            .inner
             .nodes
             .health()
             .connect_race_delay(targets.first().map_or("", |target| &target.label));
@@ -723,7 +718,7 @@ impl Client {
             Kind::Read => self.hedge_delay(),
             Kind::Write => None,
         };
-        let plan = Plan {
+        Plan {
             kind,
             targets: targets.len(),
             backoffs: (0..settings.retries)
@@ -738,185 +733,6 @@ impl Client {
                 .collect(),
             connect_race_delay,
             hedge_delay,
-        };
-        let mut failover = Failover::new(plan);
-        let (reports, mut incoming) = tokio::sync::mpsc::unbounded_channel::<(AttemptId, Report)>();
-        // Reports available at once (a cached connection), handled before waiting.
-        let mut ready: VecDeque<(AttemptId, Report)> = VecDeque::new();
-        let mut waiting: HashMap<AttemptId, AbortOnDrop> = HashMap::new();
-        let mut connections: HashMap<AttemptId, quinn::Connection> = HashMap::new();
-        // Attempts sent and not answered yet.
-        let mut sent: Vec<AttemptId> = Vec::new();
-        let mut attempt_target: HashMap<AttemptId, usize> = HashMap::new();
-        let mut results: HashMap<AttemptId, Result<Response>> = HashMap::new();
-        let mut unreachable: Vec<(AttemptId, String, String)> = Vec::new();
-        let mut actions = failover.start(Instant::now());
-        loop {
-            for action in std::mem::take(&mut actions) {
-                match action {
-                    Action::Connect {
-                        attempt,
-                        target,
-                        reason,
-                    } => {
-                        let target_ref = &targets[target];
-                        self.note_start(reason, target_ref);
-                        attempt_target.insert(attempt, target);
-                        match inner.nodes.ready_connection(target_ref) {
-                            Some(connection) => {
-                                ready.push_back((attempt, Report::Connected(connection)))
-                            }
-                            None => {
-                                let wait = inner.nodes.connection(target_ref);
-                                let reports = reports.clone();
-                                let task = tokio::spawn(async move {
-                                    let report = match wait.await {
-                                        Ok(connection) => Report::Connected(connection),
-                                        Err(error) => Report::Ended(Err(error)),
-                                    };
-                                    let _ = reports.send((attempt, report));
-                                });
-                                waiting.insert(attempt, AbortOnDrop(task));
-                            }
-                        }
-                    }
-                    Action::Send(attempt) => {
-                        let Some(connection) = connections.remove(&attempt) else {
-                            continue;
-                        };
-                        sent.push(attempt);
-                        let target = targets[attempt_target[&attempt]].clone();
-                        let exchange = Arc::clone(&inner.nodes).exchange(
-                            target,
-                            connection,
-                            Arc::clone(&frame),
-                            attempt_timeout,
-                            kind == Kind::Read,
-                        );
-                        let reports = reports.clone();
-                        // Not aborted with the request: see "If the future of a request is
-                        // dropped" in the module documentation.
-                        tokio::spawn(async move {
-                            let result = exchange.await;
-                            let _ = reports.send((attempt, Report::Ended(result)));
-                        });
-                    }
-                    Action::Abandon(attempt) => {
-                        if waiting.remove(&attempt).is_some() {
-                            // Its dial had not completed when another node's connection did.
-                            inner
-                                .nodes
-                                .note_lost_race(&targets[attempt_target[&attempt]]);
-                        }
-                        connections.remove(&attempt);
-                    }
-                    Action::Finish(finish) => {
-                        if let Finish::Answer(winner) = finish {
-                            // Whoever has not answered by now lost a hedge, and whoever has not
-                            // connected by now lost a race.
-                            for loser in sent.iter().filter(|&&attempt| attempt != winner) {
-                                inner.nodes.note_lost_hedge(&targets[attempt_target[loser]]);
-                            }
-                            for loser in waiting.keys() {
-                                inner.nodes.note_lost_race(&targets[attempt_target[loser]]);
-                            }
-                        }
-                        return match finish {
-                            Finish::Answer(attempt) | Finish::Retryable(attempt) => {
-                                results.remove(&attempt).unwrap_or_else(|| {
-                                    Err(Error::UnexpectedResponse {
-                                        reason: "the deciding attempt left no result".into(),
-                                    })
-                                })
-                            }
-                            Finish::Unreachable => {
-                                unreachable.sort_by_key(|(attempt, _, _)| *attempt);
-                                Err(Error::NoNodeReachable {
-                                    attempts: unreachable
-                                        .into_iter()
-                                        .map(|(_, node, reason)| (node, reason))
-                                        .collect(),
-                                })
-                            }
-                        };
-                    }
-                }
-            }
-            let (attempt, report) = match ready.pop_front() {
-                Some(report) => report,
-                None => {
-                    let deadline = failover.deadline().map(tokio::time::Instant::from_std);
-                    tokio::select! {
-                        report = incoming.recv() => match report {
-                            Some(report) => report,
-                            // Unreachable: this function holds a sender.
-                            None => continue,
-                        },
-                        () = sleep_until(deadline) => {
-                            actions = failover.on_timer(Instant::now());
-                            continue;
-                        }
-                    }
-                }
-            };
-            let now = Instant::now();
-            actions = match report {
-                Report::Connected(connection) => {
-                    waiting.remove(&attempt);
-                    connections.insert(attempt, connection);
-                    failover.on_event(now, Event::Connected(attempt))
-                }
-                Report::Ended(result) => {
-                    waiting.remove(&attempt);
-                    sent.retain(|&sent| sent != attempt);
-                    let label = &targets[attempt_target[&attempt]].label;
-                    let outcome = match result {
-                        Ok(Response::Error(reply)) => {
-                            let error = reply_error(reply);
-                            let outcome = if error.is_retryable() {
-                                Outcome::Retryable
-                            } else {
-                                Outcome::Answer
-                            };
-                            results.insert(attempt, Err(error));
-                            outcome
-                        }
-                        Ok(response) => {
-                            results.insert(attempt, Ok(response));
-                            Outcome::Answer
-                        }
-                        Err(AttemptError::Unreachable(reason)) => {
-                            unreachable.push((attempt, label.clone(), reason));
-                            Outcome::Unreachable
-                        }
-                        Err(AttemptError::Timeout) => {
-                            results.insert(attempt, Err(Error::Timeout));
-                            Outcome::Retryable
-                        }
-                        Err(AttemptError::Fatal(error)) => {
-                            results.insert(attempt, Err(error));
-                            Outcome::Answer
-                        }
-                    };
-                    failover.on_event(now, Event::Ended(attempt, outcome))
-                }
-            };
-        }
-    }
-
-    /// Counts and logs an attempt that a race or a hedge started.
-    fn note_start(&self, reason: Reason, target: &Target) {
-        let counters = &self.inner.counters;
-        match reason {
-            Reason::Next => {}
-            Reason::ConnectRace => {
-                counters.connect_races.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(node = %target.label, "a dial is slow; dialing the next node too");
-            }
-            Reason::Hedge => {
-                counters.hedges.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(node = %target.label, "a read is slow; hedging it to the next node");
-            }
         }
     }
 }
@@ -953,38 +769,6 @@ fn attempt_bound(
     }
 }
 
-/// Sleeps until `deadline`, or forever without one.
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The error a node's [`ErrorReply`] stands for.
-fn reply_error(reply: ErrorReply) -> Error {
-    let message = reply.message;
-    match reply.kind {
-        ErrorKind::InvalidRequest => Error::InvalidRequest { message },
-        ErrorKind::QuorumNotReached => {
-            let (required, acked, durable_required, durable_acked) = reply
-                .quorum
-                .map(|q| (q.required, q.acked, q.durable_required, q.durable_acked))
-                .unwrap_or_default();
-            Error::QuorumNotReached {
-                required,
-                acked,
-                durable_required,
-                durable_acked,
-                message,
-            }
-        }
-        ErrorKind::Overloaded => Error::Overloaded { message },
-        ErrorKind::Unavailable => Error::Unavailable { message },
-        ErrorKind::Internal => Error::Internal { message },
-    }
-}
-
 fn unexpected(expected: &str, found: &Response) -> Error {
     let found = match found {
         Response::Got { .. } => "Got",
@@ -1005,45 +789,6 @@ fn new_request_id() -> RequestId {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::QuorumShortfall;
-
-    #[test]
-    fn replies_map_to_errors_with_their_shortfall() {
-        let error = reply_error(ErrorReply {
-            kind: ErrorKind::QuorumNotReached,
-            message: "1 of 2".into(),
-            quorum: Some(QuorumShortfall {
-                required: 2,
-                acked: 1,
-                durable_required: 1,
-                durable_acked: 1,
-            }),
-        });
-        assert!(matches!(
-            error,
-            Error::QuorumNotReached {
-                required: 2,
-                acked: 1,
-                durable_required: 1,
-                durable_acked: 1,
-                ..
-            }
-        ));
-        assert!(!error.is_retryable());
-        for (kind, retryable) in [
-            (ErrorKind::InvalidRequest, false),
-            (ErrorKind::Overloaded, true),
-            (ErrorKind::Unavailable, true),
-            (ErrorKind::Internal, false),
-        ] {
-            let error = reply_error(ErrorReply {
-                kind,
-                message: String::new(),
-                quorum: None,
-            });
-            assert_eq!(error.is_retryable(), retryable, "{kind:?}");
-        }
-    }
 
     #[test]
     fn the_attempt_bound_follows_the_request_then_the_override_then_the_cluster() {

@@ -35,6 +35,7 @@
 //!
 //! Errors are one enum, [`Error`], with [`Error::is_retryable`] and the CLI's [`exit_code`].
 
+mod attempts;
 pub mod client;
 mod connection;
 pub mod context;
