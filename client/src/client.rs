@@ -4,13 +4,14 @@
 //!
 //! 1. **Route.** [`Client::put`] (and the others) compute the key's token, look up the
 //!    keyspace's N and ask the ring for the preference list (see `route`). That gives an order
-//!    of targets: replicas first, then every other node, nodes marked down last, seeds that are
-//!    not known nodes at the very end.
-//! 2. **Attempts.** A request is a sequence of attempts, each on one target, run by a small
-//!    state machine (`failover`): the first attempt goes to the first target; another one
-//!    starts when a dial is slow (*connect race*, every request), when a read is slow (*hedge*,
-//!    reads only), when an attempt failed at the connection level (at once), or after a
-//!    retryable answer (after a backoff). The first answer that ends the request wins.
+//!    of targets: replicas first, then every other node, nodes marked down or suspect last,
+//!    seeds that are not known nodes at the very end.
+//! 2. **Attempts.** A request is a sequence of attempts, each on one target, decided by a small
+//!    pure state machine (`failover`) and carried out by tasks (`attempts`): the first attempt
+//!    goes to the first target; another one starts when a dial is slow (*connect race*, every
+//!    request), when a read is slow (*hedge*, reads only, once), when an attempt failed at the
+//!    connection level (at once), or after a retryable answer (after a backoff). The first
+//!    answer that ends the request wins.
 //! 3. **Connect.** One QUIC connection per node is cached and shared by every request to it,
 //!    and one dial per node is shared by every request that waits for it (`connection`). A dial
 //!    is bounded by a connect timeout sized to the handshakes seen so far, between
@@ -50,10 +51,13 @@
 //! suspect, and so is the node at its address once the cluster is known, so the key's request
 //! goes to another replica at once. The same race picks the coordinator when the key's first
 //! replica does not connect: a dead seed or replica costs a fresh process one such delay, not a
-//! timeout. A long-lived client already connected to a node that dies notices
-//! within the silence timeout (at least 500 ms) and, for reads, sooner: a read with no answer
-//! after a high percentile of recent read latencies ([`Hedge`], by default p99 between 20 ms
-//! and 500 ms) is sent to the next replica too.
+//! timeout. A long-lived client already connected to a node that dies notices within the
+//! silence timeout (at least 500 ms) and, for reads, sooner: a read with no answer after a high
+//! percentile of recent read latencies ([`Hedge`], by default p99 between 20 ms and 500 ms) is
+//! sent to the next replica too, and the node that lost the hedge is routed last until it
+//! answers again. [`Client::stats`] counts hedges and races and shows each node's state; the
+//! `tracing` events (`debug` for dials, races and hedges, `info` when a node is marked down or
+//! up again) say why.
 //!
 //! # Writes and retries
 //!
@@ -63,8 +67,8 @@
 //! hedged and never in flight at two nodes at once: it moves to another node only when its
 //! attempt is over (refused, connection failed or went silent, time ran out), so a retry at a
 //! second coordinator happens only where it happened before this client learned to fail over
-//! fast. (A retry that lands on another coordinator can still store a second copy there; that
-//! is a defect of the nodes, tracked separately.) Racing dials never sends a write twice: the
+//! fast. (Whether a retry that lands on another coordinator can store a second copy there is
+//! the nodes' business: issue 8, defect 4.) Racing dials never sends a write twice: the
 //! request goes to whichever connection completes first, and the other dials are abandoned
 //! before anything is sent on them.
 //!
