@@ -24,7 +24,8 @@ const TEST_LIMIT: Duration = Duration::from_secs(240);
 /// The node killed: `n1`, also the first address in `QUORUMKV_NODES`.
 const VICTIM: usize = 0;
 
-/// Runs a CLI command to completion on a blocking thread; returns its output and duration.
+/// Runs a CLI command to completion on a blocking thread; returns its output and duration
+/// (rounded up to the harness's poll interval, 50 ms: `run_cli` polls for the exit).
 async fn timed_cli(mut command: Command) -> (CliOutput, Duration) {
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
