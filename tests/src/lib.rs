@@ -5,4 +5,5 @@
 //! binary as several processes on loopback. The tests themselves live in `tests/tests/`.
 
 pub mod cluster;
+pub mod history;
 pub mod sim;
