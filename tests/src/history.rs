@@ -44,11 +44,13 @@
 //!
 //! A write acknowledged with `dw >= 1` was flushed to disk on at least one replica before the
 //! acknowledgement, so it must survive anything the suites do. The store acknowledges `dw = 0`
-//! writes before they are on disk, so a kill -9 may lose them legitimately: a `dw = 0`
-//! acknowledgement must survive only if no crash was recorded after the write was invoked (the
-//! suite records a crash once the process is dead, so a write invoked later cannot have been on
-//! it). That is simple and sound: it never blames the store for a loss it is allowed, at the
-//! price of not checking `dw = 0` writes that were in flight before a crash.
+//! writes before they are on disk, so a kill -9 may lose them legitimately; but a write
+//! acknowledged at W was applied (in memory) on W distinct replicas, and a replica that never
+//! crashed keeps it. So a `dw = 0` acknowledgement must survive unless at least W distinct nodes
+//! were killed after the write was invoked (the suite records a crash once the process is dead,
+//! so a write invoked later cannot have been on it). That is simple and sound: it never blames
+//! the store for a loss it is allowed, at the price of not checking `dw = 0` writes whose W
+//! replicas might all have crashed since.
 //!
 //! # Soundness and its price
 //!
@@ -127,12 +129,12 @@ impl Op {
         }
     }
 
-    /// A write's `dw`; `None` for a get.
-    pub fn dw(&self) -> Option<u8> {
+    /// A write's `w` and `dw`; `None` for a get.
+    pub fn quorum(&self) -> Option<(u8, u8)> {
         match self {
-            Op::PutBlind { dw, .. } | Op::PutWithContext { dw, .. } | Op::Delete { dw, .. } => {
-                Some(*dw)
-            }
+            Op::PutBlind { w, dw, .. }
+            | Op::PutWithContext { w, dw, .. }
+            | Op::Delete { w, dw, .. } => Some((*w, *dw)),
             Op::Get { .. } => None,
         }
     }
@@ -276,12 +278,14 @@ pub enum Violation {
         written_to: String,
         at: ReadAt,
     },
-    /// A read returned `older` beside `newer`, although `older` is an ancestor of `newer`.
+    /// A read returned `older` beside `newer`, although `older` is an ancestor of `newer`;
+    /// `chain` holds the writes from `newer` down to `older`, each of which had read the next.
     SupersededSibling {
         key: String,
         older: String,
         newer: String,
         at: ReadAt,
+        chain: Vec<Record>,
     },
     /// An acknowledged put that must survive is neither in the final read nor superseded by
     /// anything that may be in effect. `readers` are the writes that had read it, none of which
@@ -325,10 +329,17 @@ impl fmt::Display for Violation {
                 older,
                 newer,
                 at,
-            } => write!(
-                f,
-                "{at} of {key} returned {older} beside {newer}, which supersedes it"
-            ),
+                chain,
+            } => {
+                write!(
+                    f,
+                    "{at} of {key} returned {older} beside {newer}, which supersedes it:"
+                )?;
+                for write in chain {
+                    write!(f, "\n      {write}")?;
+                }
+                Ok(())
+            }
             Violation::LostWrite {
                 write,
                 readers,
@@ -369,7 +380,7 @@ pub struct Stats {
     pub operations: BTreeMap<(&'static str, &'static str), usize>,
     /// Acknowledged puts checked for loss (those that must survive).
     pub puts_checked: usize,
-    /// Acknowledged `dw = 0` writes exempt from the checks by a later crash, and how many of
+    /// Acknowledged `dw = 0` writes exempt from the checks by later crashes (of W nodes), and how many of
     /// those puts are neither present nor superseded (lost, legitimately).
     pub exempt_by_crash: usize,
     pub exempt_puts_missing: usize,
@@ -482,6 +493,38 @@ impl<'a> Graph<'a> {
         self.writes.get(id).map_or(&[], |record| record.op.read())
     }
 
+    /// The writes from `newer` down to its ancestor `older` (both included), each of which had
+    /// read the next; `None` if `older` is not an ancestor of `newer`.
+    fn chain(&self, newer: &str, older: &str) -> Option<Vec<Record>> {
+        let mut parent: BTreeMap<&'a str, &'a str> = BTreeMap::new();
+        let mut queue = std::collections::VecDeque::new();
+        let start = self.writes.get_key_value(newer)?.0;
+        queue.push_back(*start);
+        while let Some(id) = queue.pop_front() {
+            for next in self.read_by(id) {
+                let next = next.as_str();
+                if next == *start || parent.contains_key(next) {
+                    continue;
+                }
+                parent.insert(next, id);
+                if next == older {
+                    let mut path = vec![next];
+                    while let Some(up) = parent.get(path[path.len() - 1]) {
+                        path.push(up);
+                    }
+                    path.reverse();
+                    return Some(
+                        path.iter()
+                            .filter_map(|id| self.writes.get(id).map(|r| (*r).clone()))
+                            .collect(),
+                    );
+                }
+                queue.push_back(next);
+            }
+        }
+        None
+    }
+
     /// Every strict ancestor of any of `starts`.
     fn ancestors<'s>(&self, starts: impl IntoIterator<Item = &'s str>) -> BTreeSet<&'a str>
     where
@@ -571,12 +614,13 @@ fn check_reads(history: &History, graph: &Graph<'_>, report: &mut Report) {
             .filter(|value| ancestors.contains(value.as_str()))
         {
             for newer in siblings.iter().filter(|newer| *newer != older) {
-                if graph.ancestors([newer.as_str()]).contains(older.as_str()) {
+                if let Some(chain) = graph.chain(newer, older) {
                     report.violations.push(Violation::SupersededSibling {
                         key: key.to_string(),
                         older: older.clone(),
                         newer: newer.clone(),
                         at: at.clone(),
+                        chain,
                     });
                 }
             }
@@ -612,12 +656,16 @@ fn check_durability(history: &History, graph: &Graph<'_>, report: &mut Report) {
                 .is_some_and(|id| superseded.contains(id))
     };
     let must_survive = |record: &Record| {
-        record.outcome.is_ok()
-            && (record.op.dw() >= Some(1)
-                || !history
-                    .crashes
-                    .iter()
-                    .any(|(tick, _)| *tick > record.invoked))
+        let Some((w, dw)) = record.op.quorum() else {
+            return false;
+        };
+        let crashed_since: BTreeSet<&str> = history
+            .crashes
+            .iter()
+            .filter(|(tick, _)| *tick > record.invoked)
+            .map(|(_, node)| node.as_str())
+            .collect();
+        record.outcome.is_ok() && (dw >= 1 || crashed_since.len() < usize::from(w))
     };
 
     let mut written_keys = BTreeSet::new();
@@ -744,8 +792,8 @@ mod tests {
             self.push(1, key, op, Outcome::Ok)
         }
 
-        fn crash(&mut self) -> &mut Script {
-            self.history.crashes.push((self.tick, "n2".into()));
+        fn crash(&mut self, node: &str) -> &mut Script {
+            self.history.crashes.push((self.tick, node.into()));
             self.tick += 1;
             self
         }
@@ -885,25 +933,57 @@ mod tests {
         assert_eq!(report.stats.unacknowledged_puts_in_effect, 1);
     }
 
+    fn put_w(value: &str, w: u8, dw: u8) -> Op {
+        Op::PutBlind {
+            value: value.into(),
+            w,
+            dw,
+        }
+    }
+
     #[test]
-    fn dw0_acknowledgements_before_a_crash_may_be_lost_but_not_after_it() {
-        let before = Script::default()
-            .put("k", "a", 0)
-            .crash()
+    fn dw0_acknowledgements_may_be_lost_only_when_w_replicas_crashed_since() {
+        // a (w=2) and b (w=1), both dw=0, then one node crashes: b may be lost, but a was
+        // applied on a replica that is still alive.
+        let one_crash = Script::default()
+            .push(0, "k", put_w("a", 2, 0), Outcome::Ok)
+            .push(0, "k", put_w("b", 1, 0), Outcome::Ok)
+            .crash("n2")
             .finally("k", &[])
             .check();
-        assert!(before.is_ok(), "{before}");
-        assert_eq!(
-            (
-                before.stats.exempt_by_crash,
-                before.stats.exempt_puts_missing
-            ),
-            (1, 1)
-        );
+        match only(&one_crash) {
+            Violation::LostWrite { write, .. } => assert_eq!(write.op.write_id(), Some("a")),
+            other => panic!("expected a lost write, got {other}"),
+        }
+        assert_eq!(one_crash.stats.exempt_by_crash, 1, "{one_crash}");
+        assert_eq!(one_crash.stats.exempt_puts_missing, 1, "{one_crash}");
 
+        // Two distinct nodes crashed since: a (w=2) may be lost too. The same node twice
+        // counts once.
+        let two_nodes = Script::default()
+            .push(0, "k", put_w("a", 2, 0), Outcome::Ok)
+            .crash("n2")
+            .crash("n3")
+            .finally("k", &[])
+            .check();
+        assert!(two_nodes.is_ok(), "{two_nodes}");
+        let same_node_twice = Script::default()
+            .push(0, "k", put_w("a", 2, 0), Outcome::Ok)
+            .crash("n2")
+            .crash("n2")
+            .finally("k", &[])
+            .check();
+        assert!(
+            matches!(only(&same_node_twice), Violation::LostWrite { .. }),
+            "{same_node_twice}"
+        );
+    }
+
+    #[test]
+    fn dw0_acknowledgements_after_the_last_crash_or_without_one_must_survive() {
         let after = Script::default()
-            .crash()
-            .put("k", "a", 0)
+            .crash("n2")
+            .push(0, "k", put_w("a", 1, 0), Outcome::Ok)
             .finally("k", &[])
             .check();
         assert!(
@@ -911,15 +991,23 @@ mod tests {
             "{after}"
         );
 
-        let without_crash = Script::default().put("k", "a", 0).finally("k", &[]).check();
+        let without_crash = Script::default()
+            .push(0, "k", put_w("a", 1, 0), Outcome::Ok)
+            .finally("k", &[])
+            .check();
         assert!(
             matches!(only(&without_crash), Violation::LostWrite { .. }),
             "{without_crash}"
         );
+    }
 
+    #[test]
+    fn dw1_acknowledgements_survive_any_crash() {
         let durable = Script::default()
-            .put("k", "a", 1)
-            .crash()
+            .push(0, "k", put_w("a", 1, 1), Outcome::Ok)
+            .crash("n1")
+            .crash("n2")
+            .crash("n3")
             .finally("k", &[])
             .check();
         assert!(
@@ -983,8 +1071,15 @@ mod tests {
             .finally("k", &["b"])
             .check();
         match only(&direct) {
-            Violation::SupersededSibling { older, newer, .. } => {
-                assert_eq!((older.as_str(), newer.as_str()), ("a", "b"))
+            Violation::SupersededSibling {
+                older,
+                newer,
+                chain,
+                ..
+            } => {
+                assert_eq!((older.as_str(), newer.as_str()), ("a", "b"));
+                let ids: Vec<_> = chain.iter().filter_map(|r| r.op.write_id()).collect();
+                assert_eq!(ids, ["b", "a"]);
             }
             other => panic!("expected a superseded sibling, got {other}"),
         }
@@ -1060,7 +1155,7 @@ mod tests {
                 },
                 Outcome::Ok,
             )
-            .crash()
+            .crash("n1")
             .finally("k", &["a"])
             .check();
         assert!(lost_delete.is_ok(), "{lost_delete}");
@@ -1095,7 +1190,7 @@ mod tests {
         recorder.record(Record {
             client: 0,
             key: "k".into(),
-            op: blind("a", 0),
+            op: put_w("a", 1, 0),
             outcome: Outcome::Ok,
             invoked,
             completed: recorder.tick(),
@@ -1104,7 +1199,7 @@ mod tests {
         recorder.final_read("k", vec![]);
         let history = recorder.history();
         assert_eq!(history.crashes, vec![(2, "n1".to_string())]);
-        // The dw=0 write was invoked before the crash: exempt, not lost.
+        // The w=1, dw=0 write was invoked before the crash: exempt, not lost.
         assert!(check(&history).is_ok());
     }
 }
