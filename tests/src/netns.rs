@@ -52,6 +52,7 @@
 
 use crate::cluster::NodeHost;
 use std::fs::File;
+use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
 
@@ -86,8 +87,8 @@ pub fn required() -> bool {
     set("CI") || set("QUORUMKV_REQUIRE_NETNS")
 }
 
-/// The tools, or `None` after printing `SKIPPED: <test>: <reason>`; panics instead of skipping
-/// when [`required`].
+/// The tools, or `None` after printing `SKIPPED: <test>: <reason>` (to the process's stderr,
+/// past the test harness's capture); panics instead of skipping when [`required`].
 pub fn tools_or_skip(test: &str) -> Option<Tools> {
     match Tools::find() {
         Ok(tools) => Some(tools),
@@ -96,7 +97,9 @@ pub fn tools_or_skip(test: &str) -> Option<Tools> {
              QUORUMKV_REQUIRE_NETNS=1 is set, so this fails instead of skipping)"
         ),
         Err(reason) => {
-            eprintln!("SKIPPED: {test}: {reason}");
+            // Straight to the process's stderr: the test harness captures `eprintln!` of passing
+            // tests, and a skip must be seen.
+            let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {reason}");
             None
         }
     }
