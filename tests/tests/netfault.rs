@@ -36,7 +36,7 @@
 //!
 //! # Modes
 //!
-//! CI runs the schedule above once (about a minute of faults). `QUORUMKV_NETFAULT_SOAK=<seconds>`
+//! CI runs the schedule above once (about 40 s on a 2-core machine). `QUORUMKV_NETFAULT_SOAK=<seconds>`
 //! adds that many seconds of random faults after it: random kinds, victims, groups, loss rates
 //! and hold times, sometimes two faults at once (at most one of them a process fault). The
 //! choices come from `QUORUMKV_NETFAULT_SEED` (random if unset, and printed either way; the
@@ -323,6 +323,10 @@ fn run(network: &Network, settings: &Settings) {
         log(format!("inject {} for {hold:?}", names.join(" + ")));
         for fault in &faults {
             inject(network, &mut cluster, &recorder, fault);
+        }
+        let rules = network.rules();
+        if !rules.is_empty() {
+            eprint!("{rules}");
         }
         std::thread::sleep(hold);
         heal(network, &mut cluster, &faults);
