@@ -438,6 +438,10 @@ pub struct ClusterOptions {
     pub peer_down_after_ms: Option<u64>,
     /// Limits, if not the defaults.
     pub limits: Option<Limits>,
+    /// Data directories that live elsewhere than the cluster's directory, by node index: for
+    /// a node whose data must sit on a file system of its own (a small tmpfs that fills up).
+    /// The directory must exist; the harness neither creates nor removes it.
+    pub data_dirs: BTreeMap<usize, PathBuf>,
     /// Any other change, applied last to node `i`'s configuration (it must stay valid).
     pub patch: Option<fn(usize, &mut Config)>,
     /// Whether [`TestCluster::start`] waits until the nodes can replicate to each other
@@ -470,6 +474,7 @@ impl Default for ClusterOptions {
             ping_interval_ms: None,
             peer_down_after_ms: Some(TOLERANT_TIMEOUT_MS),
             limits: None,
+            data_dirs: BTreeMap::new(),
             patch: None,
             wait_connected: true,
             hosts: Vec::new(),
@@ -502,6 +507,9 @@ impl ClusterOptions {
         }
         if let Some(limits) = &self.limits {
             config.limits = limits.clone();
+        }
+        if let Some(dir) = self.data_dirs.get(&index) {
+            config.data_dir = dir.clone();
         }
         if let Some(patch) = self.patch {
             patch(index, config);
@@ -740,6 +748,16 @@ impl TestCluster {
     /// Whether node `index` has a live process (running or paused).
     pub fn is_running(&self, index: usize) -> bool {
         self.processes[index].is_some()
+    }
+
+    /// The exit status of node `index`'s process if it has exited on its own (a crash, a
+    /// panic, an exit on error), `None` while it lives. The harness does not notice such an
+    /// exit by itself: this is how a test checks that a node stayed up.
+    pub fn exit_status(&mut self, index: usize) -> Option<ExitStatus> {
+        self.processes[index]
+            .as_mut()
+            .unwrap_or_else(|| panic!("node {index} is not running"))
+            .try_wait()
     }
 
     /// SIGKILL (kill -9) node `index` and reap it.
