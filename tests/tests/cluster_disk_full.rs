@@ -50,11 +50,13 @@ const NO_SPACE: &str = "No space left on device";
 
 // ----- privileges and the tmpfs --------------------------------------------------------------
 
-/// Whether a missing privilege fails the test instead of skipping it.
+/// Whether the environment demands that these tests run (`CI`, or
+/// `QUORUMKV_REQUIRE_PRIVILEGES=1`, which `.ci/run` sets): then a missing privilege fails them.
 fn privileges_required() -> bool {
-    let ci = std::env::var("CI").is_ok_and(|value| !value.is_empty() && value != "false");
-    let required = std::env::var("QUORUMKV_REQUIRE_PRIVILEGES").is_ok_and(|value| value == "1");
-    ci || required
+    let set = |name: &str| {
+        std::env::var(name).is_ok_and(|value| !value.is_empty() && value != "0" && value != "false")
+    };
+    set("CI") || set("QUORUMKV_REQUIRE_PRIVILEGES")
 }
 
 /// A tmpfs of a given size, mounted on a fresh directory and unmounted on drop (also when the
@@ -67,6 +69,9 @@ struct Tmpfs {
 impl Tmpfs {
     /// Mounts a tmpfs of `bytes`, or says why it cannot.
     fn mount(bytes: u64) -> Result<Tmpfs, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("not running as root (mounting a tmpfs needs it)".into());
+        }
         let mount_point = tempfile::Builder::new()
             .prefix("quorumkv-disk-full-")
             .tempdir()
@@ -78,7 +83,7 @@ impl Tmpfs {
             .map_err(|e| format!("cannot run mount: {e}"))?;
         if !output.status.success() {
             return Err(format!(
-                "`mount -t tmpfs` failed ({}; it needs root): {}",
+                "`mount -t tmpfs` failed ({}): {}",
                 output.status,
                 String::from_utf8_lossy(&output.stderr).trim()
             ));
@@ -86,16 +91,19 @@ impl Tmpfs {
         Ok(Tmpfs { mount_point })
     }
 
-    /// Mounts a tmpfs, or reports that the test is skipped (`None`), or fails the test when
-    /// privileges are required.
-    fn mount_or_skip(bytes: u64) -> Option<Tmpfs> {
+    /// Mounts a tmpfs for `test`, or prints `SKIPPED: <test>: <reason>` and returns `None`;
+    /// panics instead of skipping when [`privileges_required`].
+    fn mount_or_skip(test: &str, bytes: u64) -> Option<Tmpfs> {
         match Tmpfs::mount(bytes) {
             Ok(tmpfs) => Some(tmpfs),
-            Err(reason) if privileges_required() => {
-                panic!("this test needs a tmpfs (CI or QUORUMKV_REQUIRE_PRIVILEGES=1 is set): {reason}")
-            }
+            Err(reason) if privileges_required() => panic!(
+                "{test} needs a tmpfs and cannot have one: {reason} (CI or \
+                 QUORUMKV_REQUIRE_PRIVILEGES=1 is set, so this fails instead of skipping)"
+            ),
             Err(reason) => {
-                eprintln!("SKIPPED: {reason}");
+                // Straight to the process's stderr: the test harness captures `eprintln!` of
+                // passing tests, and a skip must be seen.
+                let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {reason}");
                 None
             }
         }
@@ -263,7 +271,8 @@ fn assert_out_of_service(cluster: &TestCluster, victim: usize) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_whose_disk_fills_up_takes_itself_out_of_service() {
-    let Some(tmpfs) = Tmpfs::mount_or_skip(TMPFS_BYTES) else {
+    let test = "a_node_whose_disk_fills_up_takes_itself_out_of_service";
+    let Some(tmpfs) = Tmpfs::mount_or_skip(test, TMPFS_BYTES) else {
         return;
     };
     let victim = 0;
@@ -387,7 +396,8 @@ async fn a_node_whose_disk_fills_up_takes_itself_out_of_service() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_whose_disk_fills_under_fast_writes_takes_itself_out_of_service() {
-    let Some(tmpfs) = Tmpfs::mount_or_skip(TMPFS_BYTES) else {
+    let test = "a_replica_whose_disk_fills_under_fast_writes_takes_itself_out_of_service";
+    let Some(tmpfs) = Tmpfs::mount_or_skip(test, TMPFS_BYTES) else {
         return;
     };
     let victim = 0;
