@@ -4,8 +4,11 @@
 //! One node of three keeps its data directory on a tmpfs of [`TMPFS_BYTES`]; the others use
 //! the cluster's directory. Writes of [`VALUE_BYTES`] values to distinct keys (every key has
 //! every node among its three replicas) fill that tmpfs until sled's log write fails with
-//! ENOSPC. From then on sled refuses all work, and the node must notice at whichever of its
-//! storage calls fails first:
+//! ENOSPC. What sled 0.34 does then (seen in these tests' node logs): the write of its log
+//! buffer fails (`hit error while writing iobuf ... No space left on device`), sled keeps that
+//! error and returns it from every later write and flush, and from a read that must rewrite a
+//! page; its background flusher stops. It does not panic. So the node must notice at
+//! whichever of its storage calls fails first (its flush, a merge, or a read):
 //!
 //! * [`a_node_whose_disk_fills_up_takes_itself_out_of_service`]: the node coordinates durable
 //!   writes, so its own flush (group commit) is usually what meets the full disk. The test then
