@@ -233,7 +233,7 @@ pub fn encode_incarnation(record: &IncarnationRecord) -> Result<Vec<u8>> {
 /// Decodes a stored incarnation record; bad bytes are corruption, never a fresh start. Public so
 /// that the fuzz targets (`node/tests/fuzz_decoders.rs`) can reach it.
 pub fn decode_incarnation(bytes: &[u8]) -> Result<IncarnationRecord> {
-    rmp_serde::from_slice(bytes).map_err(|e| crate::error::Error::StorageCorrupt {
+    quorumkv_client::msgpack::from_slice(bytes).map_err(|e| crate::error::Error::StorageCorrupt {
         operation: "read incarnation",
         reason: format!("incarnation record does not decode: {e}"),
     })

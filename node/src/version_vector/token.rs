@@ -104,8 +104,10 @@ pub fn decode_token(
     if bound != binding(keyspace, key) {
         return Err(Error::ContextWrongKey);
     }
+    // The checksum is not keyed, so anyone can seal a token around any bytes: decode them as
+    // checked MessagePack, which reserves nothing for lengths the bytes do not back.
     let context: CausalContext =
-        rmp_serde::from_slice(encoded).map_err(|e| Error::ContextCorrupt {
+        quorumkv_client::msgpack::from_slice(encoded).map_err(|e| Error::ContextCorrupt {
             reason: format!("undecodable context: {e}"),
         })?;
     if encode_token(&context, keyspace, key) != token {
