@@ -114,7 +114,7 @@ fn random_inputs(target: &Target) {
     } else {
         CASES
     };
-    run(target.name, cases, inputs(target), |input| {
+    run(target.name, config(cases), inputs(target), |input| {
         within_bound(target, &input, &worst)
     });
     let w = worst.get();
@@ -127,7 +127,13 @@ fn random_inputs(target: &Target) {
 fn every_length_field_claims_gigabytes(target: &Target) {
     let worst = Cell::new(Worst::default());
     let probes = Cell::new(0usize);
-    run(target.name, SWEEP_VALUES, (target.valid)(), |payload| {
+    // Each value gives a hundred or so probes, so a long run sweeps fewer values than it
+    // draws random inputs.
+    let values = ProptestConfig {
+        cases: cases(CASES) / (CASES / SWEEP_VALUES),
+        ..config(SWEEP_VALUES)
+    };
+    run(target.name, values, (target.valid)(), |payload| {
         for nth in 0..length_field_count(&payload) {
             for claim in HUGE_CLAIMS {
                 let mut damaged = payload.clone();

@@ -25,7 +25,8 @@
 //! measured in `fuzz_alloc.rs`, a binary of its own because it replaces the global allocator.
 //!
 //! The bounded run (each target's case count below) is part of `cargo test`; a long run is
-//! `QUORUMKV_FUZZ_CASES=1000000 cargo test --release -p quorumkv-node --test fuzz_decoders`.
+//! `QUORUMKV_FUZZ_CASES=1000000 cargo test -p quorumkv-node --test fuzz_decoders` (see
+//! `fuzz/mod.rs` for the seed and why not `--release`).
 
 mod fuzz;
 
@@ -54,7 +55,7 @@ const CASES: u32 = 16_384;
 const CERT_CASES: u32 = 2048;
 
 fn check(target: &Target, cases: u32) {
-    run(target.name, cases, inputs(target), |bytes| {
+    run(target.name, config(cases), inputs(target), |bytes| {
         (target.check)(&bytes).map_err(TestCaseError::fail)
     });
 }
@@ -116,7 +117,7 @@ fn frame_headers() {
         }
         h
     });
-    run("frame::decode_header", CASES, inputs, |header| {
+    run("frame::decode_header", config(CASES), inputs, |header| {
         let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
         let ok = header[0] == PROTOCOL_VERSION && len <= MAX_FRAME;
         match decode_header(header, MAX_FRAME) {
@@ -134,7 +135,7 @@ fn frame_length_prefixes_rewritten() {
     let inputs = (request(), any::<u32>(), 0usize..3);
     run(
         "frame length prefix",
-        CASES,
+        config(CASES),
         inputs,
         |(request, len, how)| {
             let mut frame = encode_frame(&request, MAX_FRAME).unwrap();
@@ -168,7 +169,7 @@ fn context_texts() {
             })
             .boxed(),
     ];
-    run("context text forms", CASES, inputs, |text| {
+    run("context text forms", config(CASES), inputs, |text| {
         if let Ok(context) = text.parse::<Context>() {
             prop_assert_eq!(context.to_string().parse::<Context>().unwrap(), context);
         }
@@ -198,7 +199,7 @@ fn stored_entries() {
         });
     run(
         "sled_store::decode_entry",
-        CASES,
+        config(CASES),
         inputs,
         |(skey, bytes)| {
             if let Ok(entry) = decode_entry("ks", &skey, &bytes) {
@@ -236,7 +237,7 @@ fn certificates_with_arbitrary_names() {
     let inputs = (vec(san, 0..4), "[ -~]{0,32}");
     run(
         "certificates with arbitrary names",
-        CERT_CASES,
+        config(CERT_CASES),
         inputs,
         |(sans, common_name)| {
             let uris: Vec<String> = sans.iter().filter_map(|(u, _)| u.clone()).collect();

@@ -26,9 +26,12 @@
 //! `QUORUMKV_FUZZ_SEED=S` explores from another seed:
 //!
 //! ```sh
-//! QUORUMKV_FUZZ_CASES=1000000 cargo test --release -p quorumkv-node --test fuzz_decoders
+//! QUORUMKV_FUZZ_CASES=1000000 cargo test -p quorumkv-node --test fuzz_decoders --test fuzz_alloc
 //! QUORUMKV_FUZZ_CASES=100000 QUORUMKV_FUZZ_SEED=7 cargo test -p quorumkv-node --test fuzz_alloc
 //! ```
+//!
+//! Keep the test profile rather than `--release`: it is optimised too, and it checks integer
+//! overflow, which is part of "no panic" (a release build wraps silently).
 //!
 //! Failures are not persisted to regression files: a failure found here is fixed in the
 //! decoder and pinned by a named unit test next to it, which says what broke and why far
@@ -99,17 +102,17 @@ pub fn config(default_cases: u32) -> ProptestConfig {
     }
 }
 
-/// Runs `test` on `cases` inputs from `inputs`; a failure or a panic fails the calling test
-/// with the target's name and the smallest input proptest found.
+/// Runs `test` on `config.cases` inputs from `inputs`; a failure or a panic fails the calling
+/// test with the target's name and the smallest input proptest found.
 pub fn run<S: Strategy>(
     name: &str,
-    default_cases: u32,
+    config: ProptestConfig,
     inputs: S,
     test: impl Fn(S::Value) -> Result<(), TestCaseError>,
 ) where
     S::Value: Debug,
 {
-    let mut runner = TestRunner::new(config(default_cases));
+    let mut runner = TestRunner::new(config);
     if let Err(e) = runner.run(&inputs, test) {
         panic!("fuzz target {name}: {e}");
     }
