@@ -345,12 +345,12 @@ fn walk(bytes: &[u8], offset: usize) -> Vec<LengthField> {
             0x80..=0x8f => (1, 0, Some(LengthKind::Map)),
             0x90..=0x9f => (1, 0, Some(LengthKind::Array)),
             0xa0..=0xbf => (1, usize::from(marker & 0x1f), Some(LengthKind::Str)),
-            0xc4 | 0xc5 | 0xc6 => {
+            0xc4..=0xc6 => {
                 let n = 1 << (marker - 0xc4);
                 let Some(len) = be(n) else { break };
                 (1 + n, len, Some(LengthKind::Bin))
             }
-            0xd9 | 0xda | 0xdb => {
+            0xd9..=0xdb => {
                 let n = 1 << (marker - 0xd9);
                 let Some(len) = be(n) else { break };
                 (1 + n, len, Some(LengthKind::Str))
