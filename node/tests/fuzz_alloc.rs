@@ -43,6 +43,7 @@
 
 mod fuzz;
 
+use fuzz::targets::*;
 use fuzz::*;
 use proptest::prelude::*;
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};

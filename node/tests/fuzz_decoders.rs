@@ -30,6 +30,8 @@
 
 mod fuzz;
 
+use fuzz::targets::*;
+use fuzz::values::*;
 use fuzz::*;
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -44,7 +46,8 @@ use quorumkv_node::storage::sled_store::decode_entry;
 use quorumkv_node::storage::{decode_incarnation, encode_incarnation, storage_key};
 use quorumkv_node::tls::Identity;
 use quorumkv_node::version_vector::{
-    decode_token, encode_token, token_from_text, token_to_text, KeyState,
+    decode_token, encode_token, token_from_text, token_to_text, Actor, CausalContext,
+    ClientContext, Dot, KeyState, RequestId,
 };
 use quorumkv_node::Error;
 use quorumkv_ring::NodeId;
@@ -93,8 +96,18 @@ fn context_tokens() {
 }
 
 #[test]
+fn context_tokens_of_format_1() {
+    check(&TOKEN_V1, CASES);
+}
+
+#[test]
 fn stored_key_states() {
     check(&KEY_STATE, CASES);
+}
+
+#[test]
+fn stored_key_states_of_format_1() {
+    check(&KEY_STATE_V1, CASES);
 }
 
 #[test]
@@ -287,11 +300,31 @@ proptest! {
     }
 
     #[test]
-    fn tokens_round_trip(context in causal_context(), key in vec(any::<u8>(), 0..32)) {
+    fn tokens_round_trip(context in client_context(), key in vec(any::<u8>(), 0..32)) {
         let token = encode_token(&context, "ks", &key);
-        prop_assert_eq!(decode_token(&token, "ks", &key, context.len()).unwrap(), context);
+        let entries = context.context.len().max(context.writes().len());
+        prop_assert_eq!(decode_token(&token, "ks", &key, entries).unwrap(), context);
         let text = token_to_text(&token);
         prop_assert_eq!(token_from_text(&text).unwrap(), token);
+    }
+
+    /// Tokens handed out before format 2 still decode, to the same dots and no writes.
+    #[test]
+    fn tokens_of_format_1_decode(context in causal_context()) {
+        let token = token_v1_around(rmp_serde::to_vec(&context).unwrap());
+        let decoded = decode_token(&token, TOKEN_KEYSPACE, TOKEN_KEY, usize::MAX).unwrap();
+        prop_assert_eq!(decoded, ClientContext::from(context));
+    }
+
+    /// States written before format 2 still decode, with no retired writes.
+    #[test]
+    fn key_states_of_format_1_decode(state in key_state()) {
+        let mut bytes = vec![1];
+        rmp_serde::encode::write(&mut bytes, &(state.context(), state.siblings())).unwrap();
+        let decoded = KeyState::decode(&bytes).unwrap();
+        prop_assert_eq!(decoded.context(), state.context());
+        prop_assert_eq!(decoded.siblings(), state.siblings());
+        prop_assert!(decoded.retired().is_empty());
     }
 
     #[test]
@@ -341,9 +374,10 @@ proptest! {
 /// sealed inputs are what a client could send.
 #[test]
 fn token_sealing_matches_the_node() {
-    let context = quorumkv_node::version_vector::CausalContext::from_dots([
-        quorumkv_node::version_vector::Dot::new(quorumkv_node::version_vector::Actor(9), 3),
-    ]);
+    let context = ClientContext::new(
+        CausalContext::from_dots([Dot::new(Actor(9), 3)]),
+        [RequestId([7; 16])],
+    );
     let token = encode_token(&context, TOKEN_KEYSPACE, TOKEN_KEY);
     assert_eq!(token_around(token_payload(&context)), token);
 }

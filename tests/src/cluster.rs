@@ -1,5 +1,6 @@
 //! The multi-process harness: real `quorumkv` processes on loopback, started, killed, paused
-//! and restarted by the tests in `tests/tests/cluster_*.rs`.
+//! and restarted by the tests in `tests/tests/cluster_*.rs`; with [`ClusterOptions::hosts`],
+//! each in a network namespace of its own (`tests/tests/netfault.rs`, see [`crate::netns`]).
 //!
 //! [`TestCluster::start`] builds the binary once per test process ([`ensure_binary`]), picks
 //! free ports, lays out certificates, configurations and data directories with the same
@@ -366,6 +367,13 @@ impl Drop for ChildGuard {
 
 /// Spawns `quorumkv start --config <config>` with stdout and stderr appended to `log`.
 pub fn spawn_node(config: &Path, log: &Path) -> ChildGuard {
+    spawn_node_under(&[], config, log)
+}
+
+/// [`spawn_node`] under a launcher: `launcher[0] launcher[1..] quorumkv start ...`, for example
+/// `ip netns exec <namespace>`. The launcher must exec the node in its own process (as
+/// `ip netns exec` does), so that the guard's signals reach the node itself.
+pub fn spawn_node_under(launcher: &[String], config: &Path, log: &Path) -> ChildGuard {
     let file = OpenOptions::new()
         .create(true)
         .append(true)
@@ -373,7 +381,15 @@ pub fn spawn_node(config: &Path, log: &Path) -> ChildGuard {
         .unwrap_or_else(|e| panic!("opening {}: {e}", log.display()));
     let stderr = file.try_clone().expect("duplicating the log file handle");
     let level = std::env::var("QUORUMKV_TEST_NODE_LOG").unwrap_or_else(|_| "info".into());
-    let child = Command::new(ensure_binary())
+    let mut command = match launcher.split_first() {
+        Some((program, arguments)) => {
+            let mut command = Command::new(program);
+            command.args(arguments).arg(ensure_binary());
+            command
+        }
+        None => Command::new(ensure_binary()),
+    };
+    let child = command
         .arg("start")
         .arg("--config")
         .arg(config)
@@ -427,6 +443,22 @@ pub struct ClusterOptions {
     /// Whether [`TestCluster::start`] waits until the nodes can replicate to each other
     /// ([`TestCluster::wait_connected`]) or returns as soon as every node answers `/ready`.
     pub wait_connected: bool,
+    /// Where each node runs: empty puts every node on loopback with free ports; otherwise one
+    /// [`NodeHost`] per node.
+    pub hosts: Vec<NodeHost>,
+}
+
+/// A node's own address and how to start it there, for nodes that do not share loopback (for
+/// example one network namespace per node, [`crate::netns`]).
+#[derive(Clone, Debug)]
+pub struct NodeHost {
+    /// Where the node's QUIC endpoint listens and its peers and clients reach it.
+    pub quic: SocketAddr,
+    /// Where the node's admin HTTP server listens.
+    pub admin: SocketAddr,
+    /// The command `quorumkv start` runs under, such as `ip netns exec <namespace>` (see
+    /// [`spawn_node_under`]); empty runs it directly.
+    pub launcher: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -440,6 +472,7 @@ impl Default for ClusterOptions {
             limits: None,
             patch: None,
             wait_connected: true,
+            hosts: Vec::new(),
         }
     }
 }
@@ -478,10 +511,13 @@ impl ClusterOptions {
 
 // ----- the cluster ---------------------------------------------------------------------------
 
-/// A running multi-process cluster on loopback; everything is torn down on drop.
+/// A running multi-process cluster (on loopback unless [`ClusterOptions::hosts`] says
+/// otherwise); everything is torn down on drop.
 #[derive(Debug)]
 pub struct TestCluster {
     local: LocalCluster,
+    /// The command each node runs under ([`NodeHost::launcher`]); empty for loopback nodes.
+    launchers: Vec<Vec<String>>,
     /// The cluster map every node runs with (ring, keyspaces, addresses).
     map: quorumkv_node::core::ClusterMap,
     processes: Vec<Option<ChildGuard>>,
@@ -501,7 +537,18 @@ impl TestCluster {
             .prefix("quorumkv-test-")
             .tempdir()
             .expect("creating a temporary directory");
-        let ports = Ports::Explicit(free_port_pairs(nodes));
+        let ports = if options.hosts.is_empty() {
+            Ports::Explicit(free_port_pairs(nodes))
+        } else {
+            assert_eq!(options.hosts.len(), nodes, "one host per node");
+            Ports::Addresses(
+                options
+                    .hosts
+                    .iter()
+                    .map(|host| (host.quic, host.admin))
+                    .collect(),
+            )
+        };
         let mut local = dev::prepare(dir.path(), nodes, &ports, options.ranges)
             .unwrap_or_else(|e| panic!("preparing the cluster layout: {e}"));
         for (index, node) in local.nodes.iter_mut().enumerate() {
@@ -514,8 +561,18 @@ impl TestCluster {
         }
         let map = quorumkv_node::server::cluster_map(&local.nodes[0].config)
             .unwrap_or_else(|e| panic!("building the cluster map: {e}"));
+        let launchers = if options.hosts.is_empty() {
+            vec![Vec::new(); nodes]
+        } else {
+            options
+                .hosts
+                .iter()
+                .map(|host| host.launcher.clone())
+                .collect()
+        };
         let mut cluster = TestCluster {
             map,
+            launchers,
             processes: local.nodes.iter().map(|_| None).collect(),
             paused: vec![false; nodes],
             local,
@@ -640,7 +697,11 @@ impl TestCluster {
             .open(&log)
             .expect("opening a node log");
         let _ = writeln!(marker, "===== harness: starting {} =====", node.id);
-        self.processes[index] = Some(spawn_node(&node.config_path, &log));
+        self.processes[index] = Some(spawn_node_under(
+            &self.launchers[index],
+            &node.config_path,
+            &log,
+        ));
     }
 
     /// Waits until node `index` answers `/ready`; panics with the logs if it exits first or
