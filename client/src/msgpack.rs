@@ -7,9 +7,10 @@
 //! `min(hint, 1 MiB / element size)` elements before it reads the first one. The announced
 //! length is whatever the sender wrote. A 53-byte `Response::Got` whose `siblings` header
 //! claims four billion entries made a client reserve 1 MiB, then fail on the missing entries; a
-//! 20-byte key state did the same to a replica through `Replicate`, and a `ForwardReply` to a
-//! coordinator. Strings and byte strings were never the problem: rmp-serde checks their length
-//! against the input and borrows them from it.
+//! 20-byte key state did the same to a replica through `Replicate`, a `ForwardReply` to a
+//! coordinator, and a client's context token (whose checksum anyone can compute) to the node
+//! it writes through. Strings and byte strings were never the problem: rmp-serde checks their
+//! length against the input and borrows them from it.
 //!
 //! # The check
 //!

@@ -6,8 +6,8 @@
 //! | --- | --- |
 //! | `quorumkv_client::frame::decode_header`, `decode_frame`, `decode_body` | every stream: client requests at a node, answers at a client, peer messages and hellos |
 //! | `Context::from_str`, `version_vector::token_from_text` | a context's text form, typed or pasted by a user |
-//! | `version_vector::decode_token` | the context a client sends back with a write |
-//! | `KeyState::decode` | a replica's state in `Replicate` and `ReadReply`, and every state read from disk |
+//! | `version_vector::decode_token` (formats 1 and 2) | the context a client sends back with a write |
+//! | `KeyState::decode` (formats 1 and 2) | a replica's state in `Replicate` and `ReadReply`, and every state read from disk |
 //! | `storage::decode_incarnation`, `sled_store::decode_entry` | records read back from the data directory |
 //! | `tls::Identity::from_certificate_der` | the certificate a peer or client presents |
 //!

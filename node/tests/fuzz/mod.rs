@@ -1,5 +1,7 @@
 //! What the fuzz targets share: the run's size, the decoders under test, and the three kinds of
-//! input they are fed.
+//! input they are fed. This file holds the run and the inputs; `values.rs` generates valid
+//! messages of every kind, and `targets.rs` lists the decoders with how to wrap, decode and
+//! check each.
 //!
 //! # The inputs
 //!
@@ -50,6 +52,7 @@ use proptest::sample::{select, Index};
 use proptest::test_runner::{RngSeed, TestCaseError, TestRunner};
 use std::fmt::Debug;
 
+/// Cases per target for a long run (the default is each target's own, small count).
 pub const CASES_VAR: &str = "QUORUMKV_FUZZ_CASES";
 /// The seed to explore from (default [`DEFAULT_SEED`]).
 pub const SEED_VAR: &str = "QUORUMKV_FUZZ_SEED";
