@@ -242,6 +242,20 @@ mod tests {
         assert!(check_lengths(&[]).is_ok());
     }
 
+    /// Nesting costs rmp-serde a stack frame per level, also inside a field the decoder skips;
+    /// its depth limit (1024) turns a deep input into an error before a test thread's (or a
+    /// tokio worker's) 2 MiB stack runs out. The check itself walks without recursion.
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let depth = 100_000;
+        let mut bytes = vec![0x81, 0xa4, b'd', b'e', b'e', b'p'];
+        bytes.extend(std::iter::repeat_n(0x91, depth));
+        bytes.push(0xc0);
+        assert!(check_lengths(&bytes).is_ok());
+        let err = from_slice::<Probe>(&bytes).unwrap_err();
+        assert!(err.to_string().contains("depth limit"), "{err}");
+    }
+
     #[test]
     fn extensions_and_numbers_are_walked_over() {
         let bytes = [
