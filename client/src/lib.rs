@@ -2,8 +2,8 @@
 //!
 //! Everything a program needs to talk to a QuorumKV cluster lives here, in two layers:
 //!
-//! - **The protocol** ([`frame`], [`protocol`], [`context`]): the bytes on the wire and the
-//!   messages they carry. These modules depend on no runtime and no socket library, so the
+//! - **The protocol** ([`frame`], [`protocol`], [`context`], [`msgpack`]): the bytes on the
+//!   wire and the messages they carry. These modules depend on no runtime and no socket library, so the
 //!   node, the client and the test tools share one definition of the protocol.
 //! - **The client** ([`Client`], built by [`ClientBuilder`]): QUIC connections with mutual TLS
 //!   ([`tls`]), routing to a key's replicas, per-attempt timeouts and retries with backoff,
@@ -37,6 +37,7 @@ pub mod client;
 pub mod context;
 pub mod error;
 pub mod frame;
+pub mod msgpack;
 pub mod protocol;
 pub mod render;
 mod route;

@@ -448,8 +448,9 @@ impl Storage for SledStorage {
     }
 }
 
-/// Decodes one scanned entry, checking that its token is the key's.
-fn decode_entry(keyspace: &str, skey: &[u8], bytes: &[u8]) -> Result<StoredKey> {
+/// Decodes one scanned entry (storage key and stored bytes), checking that its token is the
+/// key's. Public so that the fuzz targets (`node/tests/fuzz_decoders.rs`) can reach it.
+pub fn decode_entry(keyspace: &str, skey: &[u8], bytes: &[u8]) -> Result<StoredKey> {
     let Some((token, key)) = split_storage_key(skey) else {
         return Err(Error::CorruptState {
             reason: format!(

@@ -496,8 +496,9 @@ impl KeyState {
         if *version != STATE_FORMAT_VERSION && *version != 1 {
             return Err(corrupt(format!("unknown format version {version}")));
         }
-        let state: KeyState =
-            rmp_serde::from_slice(body).map_err(|e| corrupt(format!("undecodable: {e}")))?;
+        // Checked MessagePack: a sibling count the bytes do not back reserves nothing.
+        let state: KeyState = quorumkv_client::msgpack::from_slice(body)
+            .map_err(|e| corrupt(format!("undecodable: {e}")))?;
         // Rejects trailing bytes and non-minimal encodings, so that bytes and states correspond
         // one to one and equal hashes keep meaning equal states.
         if state.encode_version(*version) != bytes {
@@ -777,5 +778,18 @@ mod tests {
         for len in 0..good.len() {
             assert!(KeyState::decode(&good[..len]).is_err());
         }
+    }
+
+    /// Found by `node/tests/fuzz_alloc.rs`: a state of a few bytes whose sibling array claimed
+    /// 2^32 - 1 entries made the decoder reserve 1 MiB for them before it found none. Such a
+    /// state is now refused before anything is reserved, naming the claim.
+    #[test]
+    fn a_sibling_count_the_bytes_do_not_back_is_refused() {
+        // The state as an array of two: an empty context, then a siblings header and nothing.
+        let mut bytes = vec![STATE_FORMAT_VERSION, 0x92];
+        rmp_serde::encode::write(&mut bytes, &CausalContext::new()).unwrap();
+        bytes.extend_from_slice(&[0xdd, 0xff, 0xff, 0xff, 0xff]);
+        let err = KeyState::decode(&bytes).unwrap_err().to_string();
+        assert!(err.contains("announces 4294967295 elements"), "{err}");
     }
 }

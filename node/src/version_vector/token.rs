@@ -153,15 +153,17 @@ pub fn decode_token(
     if bound != binding(keyspace, key) {
         return Err(Error::ContextWrongKey);
     }
+    // The checksum is not keyed, so anyone can seal a token around any bytes: decode them as
+    // checked MessagePack, which reserves nothing for lengths the bytes do not back.
     let undecodable = |e: rmp_serde::decode::Error| Error::ContextCorrupt {
         reason: format!("undecodable context: {e}"),
     };
     let context: ClientContext = if version == 1 {
-        rmp_serde::from_slice::<CausalContext>(encoded)
+        quorumkv_client::msgpack::from_slice::<CausalContext>(encoded)
             .map_err(undecodable)?
             .into()
     } else {
-        rmp_serde::from_slice(encoded).map_err(undecodable)?
+        quorumkv_client::msgpack::from_slice(encoded).map_err(undecodable)?
     };
     if encode_version(version, &context, keyspace, key) != token
         || context.writes.windows(2).any(|pair| pair[0] >= pair[1])
