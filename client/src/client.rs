@@ -1,38 +1,81 @@
-//! The async client: connections, routing, timeouts and retries around the wire protocol.
+//! The async client: routing, failover, timeouts and retries around the wire protocol.
 //!
 //! # Life of a request
 //!
 //! 1. **Route.** [`Client::put`] (and the others) compute the key's token, look up the
 //!    keyspace's N and ask the ring for the preference list (see `route`). That gives an order
-//!    of nodes: replicas first, then every other node, recently failed nodes last, seeds that
-//!    are not known nodes at the very end.
-//! 2. **Connect.** One QUIC connection per node is cached and shared by every request to it
-//!    (QUIC multiplexes streams, so there is no pool to size). A closed connection is replaced
-//!    on next use. Dialing is bounded by `connect_timeout` and uses the node's own TLS server
-//!    name, `<id>.node.quorumkv` (seeds: `node.quorumkv`).
-//! 3. **Exchange.** Each attempt opens one bidirectional stream, writes one request frame,
+//!    of targets: replicas first, then every other node, nodes marked down or suspect last,
+//!    seeds that are not known nodes at the very end.
+//! 2. **Attempts.** A request is a sequence of attempts, each on one target, decided by a small
+//!    pure state machine (`failover`) and carried out by tasks (`attempts`): the first attempt
+//!    goes to the first target; another one starts when a dial is slow (*connect race*, every
+//!    request), when a read is slow (*hedge*, reads only, once), when an attempt failed at the
+//!    connection level (at once), or after a retryable answer (after a backoff). The first
+//!    answer that ends the request wins.
+//! 3. **Connect.** One QUIC connection per node is cached and shared by every request to it,
+//!    and one dial per node is shared by every request that waits for it (`connection`). A dial
+//!    is bounded by a connect timeout sized to the handshakes seen so far, between
+//!    [`ClientBuilder::connect_timeout_min`] and [`ClientBuilder::connect_timeout`].
+//! 4. **Exchange.** Each attempt opens one bidirectional stream, writes one request frame,
 //!    finishes the send side, reads the 5-byte header, checks it against `max_frame_bytes`
 //!    *before* allocating, reads the body and decodes one response. The attempt is bounded by
-//!    the client's `request_timeout` (or the request's own `timeout_ms` plus a second, if that
-//!    is longer, so the client never gives up before the coordinator does).
-//! 4. **Retry.** What happens next depends on how the attempt failed:
-//!    - *connection-level* (unreachable, handshake timeout, connection lost, stream reset): the
-//!      node is avoided for a while and the request moves on to the next node at once. This
-//!      does not use up a retry: a request should reach the one live node among five dead ones.
-//!      Each node is tried at most once per request this way; when none is left the error is
-//!      [`Error::NoNodeReachable`] listing every attempt.
-//!    - *retryable answer* ([`Error::is_retryable`]: `Overloaded`, `Unavailable`, `Timeout`):
-//!      sleep with exponential backoff and jitter, then try the next node in the order
-//!      (wrapping around), up to `retries` times.
-//!    - anything else (`InvalidRequest`, `QuorumNotReached`, `AuthenticationRefused`, ...) is
-//!      returned at once.
+//!    the request's own `timeout_ms` when it has one, or else by the timeout the cluster reports
+//!    for its coordinators (`ClusterInfo::request_timeout_ms`), plus
+//!    [`ClientBuilder::attempt_margin`]: the node answers `QuorumNotReached` or `Unavailable`
+//!    at its timeout, so the client waits just long enough to hear that answer, not longer.
+//!    While it waits, it watches the connection: a node that has stopped acknowledging packets
+//!    is dead, and the attempt fails as unreachable long before its bound.
+//! 5. **Remember.** A failed dial, a broken or silent connection marks the node down (routed
+//!    last) for a backoff that doubles per failure; when the backoff runs out the client dials
+//!    it in the background and marks it up when that works (`health`). Every answer marks its
+//!    node up and every read's latency feeds the hedging delay.
+//!
+//! # Failover
+//!
+//! How an attempt's failure moves the request on:
+//!
+//! - *connection-level* (unreachable, handshake timeout, connection lost or silent, stream
+//!   reset): the next target is tried at once, without using a retry: a request should reach
+//!   the one live node among five dead ones. Each target is tried at most once per request
+//!   this way; when none is left the error is [`Error::NoNodeReachable`] listing every attempt.
+//! - *retryable answer* ([`Error::is_retryable`]: `Overloaded`, `Unavailable`, `Timeout`):
+//!   sleep with exponential backoff and jitter, then try the next target in the order (wrapping
+//!   around), up to `retries` times.
+//! - anything else (`InvalidRequest`, `QuorumNotReached`, `AuthenticationRefused`, ...) is
+//!   returned at once.
+//!
+//! A fresh client (a CLI process) knows nothing about the cluster's health, so it does what
+//! Happy Eyeballs does with addresses: it dials the first seed, and if that has not connected
+//! after a short delay (50 ms at first, then one handshake bound, at most 250 ms) it dials the
+//! next one too, and uses whichever connects first. A seed whose dial lost that race is
+//! suspect, and so is the node at its address once the cluster is known, so the key's request
+//! goes to another replica at once. The same race picks the coordinator when the key's first
+//! replica does not connect: a dead seed or replica costs a fresh process one such delay, not a
+//! timeout. A long-lived client already connected to a node that dies notices within the
+//! silence timeout (at least 500 ms) and, for reads, sooner: a read with no answer after a high
+//! percentile of recent read latencies ([`Hedge`], by default p99 between 20 ms and 500 ms) is
+//! sent to the next replica too, and the node that lost the hedge is routed last until it
+//! answers again. [`Client::stats`] counts hedges and races and shows each node's state; the
+//! `tracing` events (`debug` for dials, races and hedges, `info` when a node is marked down or
+//! up again) say why.
 //!
 //! # Writes and retries
 //!
 //! Every logical write draws one random [`RequestId`] and sends it with every retry. A node
 //! that already holds a sibling written under that id treats the retry as done, so a write
-//! retried after a lost answer never becomes two siblings. That is what makes it safe to retry
-//! a write whose fate is unknown (connection lost after sending, timeout).
+//! retried after a lost answer does not become two siblings on that node. A write is never
+//! hedged and never in flight at two nodes at once: it moves to another node only when its
+//! attempt is over (refused, connection failed or went silent, time ran out), so a retry at a
+//! second coordinator happens only where it happened before this client learned to fail over
+//! fast. (Whether a retry that lands on another coordinator can store a second copy there is
+//! the nodes' business: issue 8, defect 4.) Racing dials never sends a write twice: the
+//! request goes to whichever connection completes first, and the other dials are abandoned
+//! before anything is sent on them.
+//!
+//! If the future of a request is dropped, dials it was waiting for go on (they serve the next
+//! request), and an attempt already sent runs to its end in the background so the client
+//! learns about the node; its answer is discarded. A write dropped that way may or may not have
+//! been applied.
 //!
 //! # Failure detection of the TLS kind
 //!
@@ -42,41 +85,66 @@
 //! [`Error::AuthenticationRefused`], which is never retried: another node of the same cluster
 //! would refuse the same certificate.
 
+use crate::attempts::{Attempts, Counters};
+use crate::connection::{encode_request, ConnectBounds, Nodes, Target};
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::frame::{decode_body, decode_header, encode_frame, FRAME_HEADER_LEN};
+use crate::failover::{Failover, Kind, Plan};
+use crate::health::{DownBackoff, Health, NodeStats, RouteState};
 use crate::protocol::{
-    ErrorKind, ErrorReply, ReadOptions, Request, RequestId, Response, SiblingValue, WriteOptions,
+    ReadOptions, Request, RequestId, Response, SiblingValue, WriteOptions,
+    DEFAULT_REQUEST_TIMEOUT_MS, REQUEST_TIMEOUT_MAX_MS,
 };
-use crate::route::{backoff_delay, Avoidance, Topology};
+use crate::route::{backoff_delay, Topology};
 use crate::tls::{node_server_name, TlsIdentity, SEED_SERVER_NAME};
-use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 /// Default cap on one frame: 1 MiB of value plus 128 KiB for key, context and framing.
 pub const DEFAULT_MAX_FRAME_BYTES: u32 = (1 << 20) + (128 << 10);
-/// Default client-side bound on one attempt; longer than the node's default 2 s coordinator
-/// timeout, so a node's own `QuorumNotReached` or `Unavailable` answer arrives first.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default bound on resolving and dialing one node, handshake included.
+/// Default time added to the node's timeout for one attempt: long enough for the node's own
+/// `QuorumNotReached` or `Unavailable` answer to travel back.
+pub const DEFAULT_ATTEMPT_MARGIN: Duration = Duration::from_millis(500);
+/// Default ceiling on dialing one node, handshake included, and the bound before any handshake
+/// has been seen.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default floor of the connect timeout sized to the network.
+pub const DEFAULT_CONNECT_TIMEOUT_MIN: Duration = Duration::from_millis(100);
 /// Default number of retries after a retryable answer.
 pub const DEFAULT_RETRIES: u32 = 3;
 /// Default first backoff delay; it doubles on every retry.
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(50);
 /// Default cap on one backoff delay.
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// Default time a node is tried last after a connection-level failure.
-pub const DEFAULT_AVOID_AFTER_FAILURE: Duration = Duration::from_secs(2);
+/// Default time a node is marked down after its first failure; it doubles per failure.
+pub const DEFAULT_DOWN_BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// Default cap on the time a node stays marked down before it is probed again.
+pub const DEFAULT_DOWN_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Default hedging: after the 99th percentile of recent read latencies, within 20-500 ms.
+pub const DEFAULT_HEDGE: Hedge = Hedge::Percentile {
+    percentile: 0.99,
+    min: Duration::from_millis(20),
+    max: Duration::from_millis(500),
+};
 
-/// The QUIC application close code a node uses when a certificate carries no usable identity
-/// (the node's `close_code::NOT_A_NODE`). Kept in step with the node by hand.
-const CLOSE_IDENTITY_REFUSED: u32 = 0x10;
-/// QUIC transport error codes `0x100..=0x1ff` carry a TLS alert (RFC 9001, section 4.8).
-const CRYPTO_ERROR_RANGE: std::ops::RangeInclusive<u64> = 0x100..=0x1ff;
+/// When a read that has not been answered yet is sent to another replica as well (speculative
+/// retry). Writes are never hedged.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Hedge {
+    /// Never hedge.
+    Never,
+    /// Hedge a read unanswered after this long.
+    After(Duration),
+    /// Hedge a read unanswered after the `percentile` (0 to 1) of the last 256 reads' latencies,
+    /// kept within `[min, max]`; `max` until 16 reads have been answered.
+    Percentile {
+        percentile: f64,
+        min: Duration,
+        max: Duration,
+    },
+}
 
 /// The result of a read: the visible values and the context for the next write.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,6 +155,20 @@ pub struct GetResult {
     pub siblings: Vec<SiblingValue>,
     /// Pass to the next `put` or `delete` of this key so it replaces exactly these siblings.
     pub context: Context,
+}
+
+/// Counters and per-node state of a client, from [`Client::stats`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientStats {
+    /// Requests started (each `get`, `put`, `delete` and cluster refresh is one).
+    pub requests: u64,
+    /// Reads sent to a second target because the first had not answered in time.
+    pub hedges: u64,
+    /// Dials started because an earlier dial of the same request was slow.
+    pub connect_races: u64,
+    /// Every node and seed the client has dialed, by name.
+    pub nodes: Vec<NodeStats>,
 }
 
 /// Where the TLS identity comes from; loaded by [`ClientBuilder::build`].
@@ -122,13 +204,17 @@ pub struct ClientBuilder {
 /// The tunables, copied into the client.
 #[derive(Clone, Copy, Debug)]
 struct Settings {
-    request_timeout: Duration,
-    connect_timeout: Duration,
+    /// Overrides the per-attempt bound of requests without their own timeout.
+    request_timeout: Option<Duration>,
+    attempt_margin: Duration,
+    connect_timeout_min: Duration,
+    connect_timeout_max: Duration,
     retries: u32,
     backoff_base: Duration,
     backoff_max: Duration,
     max_frame_bytes: u32,
-    avoid_after_failure: Duration,
+    down_backoff: DownBackoff,
+    hedge: Hedge,
 }
 
 impl Default for ClientBuilder {
@@ -137,13 +223,19 @@ impl Default for ClientBuilder {
             seeds: Vec::new(),
             identity: None,
             settings: Settings {
-                request_timeout: DEFAULT_REQUEST_TIMEOUT,
-                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                request_timeout: None,
+                attempt_margin: DEFAULT_ATTEMPT_MARGIN,
+                connect_timeout_min: DEFAULT_CONNECT_TIMEOUT_MIN,
+                connect_timeout_max: DEFAULT_CONNECT_TIMEOUT,
                 retries: DEFAULT_RETRIES,
                 backoff_base: DEFAULT_BACKOFF_BASE,
                 backoff_max: DEFAULT_BACKOFF_MAX,
                 max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
-                avoid_after_failure: DEFAULT_AVOID_AFTER_FAILURE,
+                down_backoff: DownBackoff {
+                    base: DEFAULT_DOWN_BACKOFF_BASE,
+                    max: DEFAULT_DOWN_BACKOFF_MAX,
+                },
+                hedge: DEFAULT_HEDGE,
             },
         }
     }
@@ -162,7 +254,8 @@ impl ClientBuilder {
         self
     }
 
-    /// Adds several seed addresses, tried in the order given.
+    /// Adds several seed addresses. The first is dialed first; each next one is dialed as well
+    /// when the earlier ones have not connected after a short delay.
     pub fn seeds<S: Into<String>>(
         mut self,
         addresses: impl IntoIterator<Item = S>,
@@ -192,16 +285,33 @@ impl ClientBuilder {
         self
     }
 
-    /// Client-side bound on one attempt (default 5 s). A request whose `timeout_ms` option is
-    /// longer gets that plus one second instead.
+    /// A fixed client-side bound on one attempt of a request that carries no `timeout_ms` of
+    /// its own. Without it the bound is the coordinator timeout the cluster reports (2 s if it
+    /// reports none) plus [`ClientBuilder::attempt_margin`]. A request with a `timeout_ms` is
+    /// always bounded by that plus the margin.
     pub fn request_timeout(mut self, timeout: Duration) -> ClientBuilder {
-        self.settings.request_timeout = timeout;
+        self.settings.request_timeout = Some(timeout);
         self
     }
 
-    /// Bound on resolving and connecting to one node, TLS handshake included (default 2 s).
+    /// What one attempt waits beyond the node's own timeout for its answer (default 500 ms).
+    pub fn attempt_margin(mut self, margin: Duration) -> ClientBuilder {
+        self.settings.attempt_margin = margin;
+        self
+    }
+
+    /// Ceiling on resolving and connecting to one node, TLS handshake included, and the bound
+    /// used before any handshake has been seen (default 2 s). Once handshakes have completed
+    /// the bound is twice their smoothed bound (`srtt + 4 · rttvar`), between
+    /// [`ClientBuilder::connect_timeout_min`] and this.
     pub fn connect_timeout(mut self, timeout: Duration) -> ClientBuilder {
-        self.settings.connect_timeout = timeout;
+        self.settings.connect_timeout_max = timeout;
+        self
+    }
+
+    /// Floor of the connect timeout sized to the network (default 100 ms).
+    pub fn connect_timeout_min(mut self, timeout: Duration) -> ClientBuilder {
+        self.settings.connect_timeout_min = timeout;
         self
     }
 
@@ -225,13 +335,23 @@ impl ClientBuilder {
         self
     }
 
-    /// How long a node whose connection failed is tried last (default 2 s).
-    pub fn avoid_after_failure(mut self, period: Duration) -> ClientBuilder {
-        self.settings.avoid_after_failure = period;
+    /// How long a node whose dial or connection failed is routed last before the client probes
+    /// it: `base` after the first failure, doubling per consecutive failure up to `max`
+    /// (defaults 1 s and 30 s).
+    pub fn down_backoff(mut self, base: Duration, max: Duration) -> ClientBuilder {
+        self.settings.down_backoff = DownBackoff { base, max };
         self
     }
 
-    /// Loads the TLS identity, contacts the first seed that answers and learns the cluster.
+    /// When an unanswered read is sent to another replica as well (default [`DEFAULT_HEDGE`]);
+    /// [`Hedge::Never`] turns hedging off.
+    pub fn hedge(mut self, hedge: Hedge) -> ClientBuilder {
+        self.settings.hedge = hedge;
+        self
+    }
+
+    /// Loads the TLS identity, asks the seeds (racing them, see the module documentation) for
+    /// the cluster and learns it from the first that answers.
     ///
     /// Fails with [`Error::InvalidConfig`] without seeds, [`Error::Tls`] for bad key material,
     /// [`Error::NoNodeReachable`] when no seed answers and [`Error::AuthenticationRefused`] when
@@ -253,14 +373,25 @@ impl ClientBuilder {
                 })
             }
         };
+        let mut quic = identity.quic_client_config()?;
+        quic.transport_config(Arc::new(crate::connection::transport_config()));
+        let settings = self.settings;
+        let nodes = Nodes::new(
+            quic,
+            ConnectBounds {
+                min: settings.connect_timeout_min,
+                max: settings.connect_timeout_max,
+            },
+            settings.max_frame_bytes,
+            Health::new(settings.down_backoff),
+        );
         let client = Client {
             inner: Arc::new(Inner {
-                settings: self.settings,
-                quic: identity.quic_client_config()?,
-                endpoints: Endpoints::default(),
+                settings,
+                nodes: Arc::new(nodes),
                 seeds: self.seeds,
                 topology: RwLock::new(None),
-                links: Mutex::new(Links::default()),
+                counters: Counters::default(),
             }),
         };
         client.refresh_cluster_info().await?;
@@ -277,77 +408,11 @@ pub struct Client {
 #[derive(Debug)]
 struct Inner {
     settings: Settings,
-    quic: quinn::ClientConfig,
-    endpoints: Endpoints,
+    nodes: Arc<Nodes>,
     seeds: Vec<String>,
     /// `None` only while `build` fetches it the first time.
     topology: RwLock<Option<Arc<Topology>>>,
-    links: Mutex<Links>,
-}
-
-/// Cached connections and recent failures, keyed by target label.
-#[derive(Debug, Default)]
-struct Links {
-    connections: HashMap<String, quinn::Connection>,
-    avoidance: Avoidance,
-}
-
-/// One UDP endpoint per address family, bound on first use.
-#[derive(Debug, Default)]
-struct Endpoints {
-    v4: Mutex<Option<quinn::Endpoint>>,
-    v6: Mutex<Option<quinn::Endpoint>>,
-}
-
-impl Endpoints {
-    fn for_address(&self, address: SocketAddr) -> std::io::Result<quinn::Endpoint> {
-        let (slot, local) = match address {
-            SocketAddr::V4(_) => (&self.v4, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
-            SocketAddr::V6(_) => (&self.v6, SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))),
-        };
-        let mut slot = lock(slot);
-        if let Some(endpoint) = slot.as_ref() {
-            return Ok(endpoint.clone());
-        }
-        let endpoint = quinn::Endpoint::client(local)?;
-        *slot = Some(endpoint.clone());
-        Ok(endpoint)
-    }
-
-    fn all(&self) -> Vec<quinn::Endpoint> {
-        [&self.v4, &self.v6]
-            .into_iter()
-            .filter_map(|slot| lock(slot).clone())
-            .collect()
-    }
-}
-
-/// A mutex guarding plain maps: a panic elsewhere cannot leave them inconsistent, so recover
-/// the guard instead of propagating the poison.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Somewhere to send a request: a known node or a seed.
-#[derive(Clone, Debug)]
-struct Target {
-    /// Node id, or the address for a seed (addresses contain ':', node ids cannot).
-    label: String,
-    address: String,
-    server_name: String,
-}
-
-/// How one attempt failed.
-#[derive(Debug)]
-enum AttemptError {
-    /// The node could not be reached or the connection broke: try another node.
-    Connection(String),
-    /// The client's own per-attempt bound ran out.
-    Timeout,
-    /// Stop and report.
-    Fatal(Error),
+    counters: Counters,
 }
 
 impl Client {
@@ -370,10 +435,8 @@ impl Client {
             options,
         };
         let targets = self.targets_for_key(keyspace, key);
-        match self
-            .execute(&request, targets, self.attempt_timeout(options.timeout_ms))
-            .await?
-        {
+        let timeout = self.attempt_timeout(options.timeout_ms);
+        match self.execute(&request, targets, Kind::Read, timeout).await? {
             Response::Got { siblings, context } => Ok(GetResult { siblings, context }),
             other => Err(unexpected("Got", &other)),
         }
@@ -449,16 +512,13 @@ impl Client {
             .await
     }
 
-    /// Asks a node for the ring, the node addresses and the keyspaces, and routes by them from
-    /// now on. Known nodes are asked first, then the seeds.
+    /// Asks a node for the ring, the node addresses, the keyspaces and the coordinator timeout,
+    /// and routes by them from now on. Known nodes are asked first, then the seeds.
     pub async fn refresh_cluster_info(&self) -> Result<()> {
         let targets = self.targets_any();
+        let timeout = self.attempt_timeout(None);
         match self
-            .execute(
-                &Request::ClusterInfo,
-                targets,
-                self.inner.settings.request_timeout,
-            )
+            .execute(&Request::ClusterInfo, targets, Kind::Read, timeout)
             .await?
         {
             Response::ClusterInfo(info) => {
@@ -474,20 +534,37 @@ impl Client {
         }
     }
 
-    /// Closes every connection and waits (at most `connect_timeout`) for the nodes to be told,
-    /// so they free their state at once instead of after an idle timeout.
-    pub async fn close(&self) {
-        let connections: Vec<quinn::Connection> = lock(&self.inner.links)
-            .connections
-            .drain()
-            .map(|(_, connection)| connection)
-            .collect();
-        for connection in connections {
-            connection.close(0u32.into(), b"client closing");
+    /// The client's counters and what it knows about each node it dialed.
+    pub fn stats(&self) -> ClientStats {
+        let counters = &self.inner.counters;
+        ClientStats {
+            requests: counters.requests.load(Ordering::Relaxed),
+            hedges: counters.hedges.load(Ordering::Relaxed),
+            connect_races: counters.connect_races.load(Ordering::Relaxed),
+            nodes: self.inner.nodes.health().snapshot(Instant::now()),
         }
-        for endpoint in self.inner.endpoints.all() {
-            let _ = tokio::time::timeout(self.inner.settings.connect_timeout, endpoint.wait_idle())
-                .await;
+    }
+
+    /// Closes every connection, abandons dials in progress, and waits until each close has been
+    /// sent (at most the connect timeout sized to the network), so the nodes free their state at
+    /// once instead of after an idle timeout. It does not wait for the closes' draining period,
+    /// nor for dials that never completed: a dead node has nobody to tell.
+    pub async fn close(&self) {
+        let settings = &self.inner.settings;
+        // A dial to no particular node: the slowest handshake bound seen, or the ceiling.
+        let linger = self.inner.nodes.health().connect_timeout(
+            "",
+            settings.connect_timeout_min,
+            settings.connect_timeout_max,
+        );
+        let closed = self.inner.nodes.close_all();
+        let deadline = tokio::time::Instant::now() + linger;
+        while closed
+            .iter()
+            .any(|(connection, sent)| connection.stats().udp_tx.datagrams <= *sent)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
@@ -499,21 +576,42 @@ impl Client {
         options: WriteOptions,
     ) -> Result<Context> {
         let targets = self.targets_for_key(keyspace, key);
-        match self
-            .execute(request, targets, self.attempt_timeout(options.timeout_ms))
-            .await?
-        {
+        let timeout = self.attempt_timeout(options.timeout_ms);
+        match self.execute(request, targets, Kind::Write, timeout).await? {
             Response::Written { context } => Ok(context),
             other => Err(unexpected("Written", &other)),
         }
     }
 
-    /// The per-attempt bound: never shorter than what the request asked the coordinator to wait.
+    /// The per-attempt bound: the request's own timeout if it has one, or else the configured
+    /// override or the cluster's coordinator timeout; plus the margin (see the module docs).
     fn attempt_timeout(&self, request_timeout_ms: Option<u32>) -> Duration {
-        let asked = request_timeout_ms
-            .map(|ms| Duration::from_millis(u64::from(ms)) + Duration::from_secs(1))
-            .unwrap_or_default();
-        self.inner.settings.request_timeout.max(asked)
+        let settings = &self.inner.settings;
+        let server = self
+            .topology()
+            .and_then(|topology| topology.request_timeout());
+        attempt_bound(
+            request_timeout_ms,
+            settings.request_timeout,
+            server,
+            settings.attempt_margin,
+        )
+    }
+
+    /// How long a read may go unanswered before it is hedged, if it may be.
+    fn hedge_delay(&self) -> Option<Duration> {
+        match self.inner.settings.hedge {
+            Hedge::Never => None,
+            Hedge::After(delay) => Some(delay),
+            Hedge::Percentile {
+                percentile,
+                min,
+                max,
+            } => {
+                let observed = self.inner.nodes.health().read_percentile(percentile);
+                Some(observed.map_or(max, |delay| delay.clamp(min, max.max(min))))
+            }
+        }
     }
 
     fn topology(&self) -> Option<Arc<Topology>> {
@@ -526,32 +624,33 @@ impl Client {
 
     fn targets_for_key(&self, keyspace: &str, key: &[u8]) -> Vec<Target> {
         let topology = self.topology();
+        let now = Instant::now();
         let ids = match &topology {
             Some(topology) => {
-                let links = lock(&self.inner.links);
-                let now = Instant::now();
-                topology.order_for_key(keyspace, key, |id| links.avoidance.is_avoided(id, now))
+                let health = self.inner.nodes.health();
+                topology.order_for_key(keyspace, key, |id| routed_last(&health, topology, id, now))
             }
             None => Vec::new(),
         };
-        self.targets(topology.as_deref(), ids)
+        self.targets(topology.as_deref(), ids, now)
     }
 
     fn targets_any(&self) -> Vec<Target> {
         let topology = self.topology();
+        let now = Instant::now();
         let ids = match &topology {
             Some(topology) => {
-                let links = lock(&self.inner.links);
-                let now = Instant::now();
-                topology.order_any(|id| links.avoidance.is_avoided(id, now))
+                let health = self.inner.nodes.health();
+                topology.order_any(|id| routed_last(&health, topology, id, now))
             }
             None => Vec::new(),
         };
-        self.targets(topology.as_deref(), ids)
+        self.targets(topology.as_deref(), ids, now)
     }
 
-    /// Turns node ids into targets and appends the seeds that are not known nodes' addresses.
-    fn targets(&self, topology: Option<&Topology>, ids: Vec<String>) -> Vec<Target> {
+    /// Turns node ids into targets, appends the seeds that are not known nodes' addresses, and
+    /// starts a background probe of every target that is down and due for one.
+    fn targets(&self, topology: Option<&Topology>, ids: Vec<String>, now: Instant) -> Vec<Target> {
         let mut targets: Vec<Target> = match topology {
             Some(topology) => ids
                 .into_iter()
@@ -576,303 +675,101 @@ impl Client {
                 });
             }
         }
+        for target in &targets {
+            if self.inner.nodes.route_state(&target.label, now) == RouteState::ProbeDue {
+                self.inner.nodes.probe(target);
+            }
+        }
         targets
     }
 
-    /// Sends `request` to `targets` in order under the retry policy in the module docs.
+    /// Runs one request over `targets` under the failover policy in the module docs: the pure
+    /// `Failover` decides, `attempts` carries its decisions out.
     async fn execute(
         &self,
         request: &Request,
         targets: Vec<Target>,
+        kind: Kind,
         attempt_timeout: Duration,
     ) -> Result<Response> {
-        let settings = self.inner.settings;
-        // Encoded once: every retry sends the same bytes, request id included.
-        let frame = encode_frame(request, settings.max_frame_bytes)?;
-        let mut unreachable: HashSet<usize> = HashSet::new();
-        let mut attempts: Vec<(String, String)> = Vec::new();
-        let mut last_answer: Option<Error> = None;
-        let mut retries_used = 0u32;
-        let mut cursor = 0usize;
-        loop {
-            let next = (0..targets.len())
-                .map(|offset| (cursor + offset) % targets.len())
-                .find(|index| !unreachable.contains(index));
-            let Some(index) = next else {
-                // Every node failed at the connection level at least once; if one of them gave
-                // a retryable answer before that, that answer says more than "unreachable".
-                return Err(last_answer.unwrap_or(Error::NoNodeReachable { attempts }));
-            };
-            cursor = index + 1;
-            let target = &targets[index];
-            let error = match self.attempt(target, &frame, attempt_timeout).await {
-                Ok(Response::Error(reply)) => reply_error(reply),
-                Ok(response) => return Ok(response),
-                Err(AttemptError::Connection(reason)) => {
-                    unreachable.insert(index);
-                    attempts.push((target.label.clone(), reason));
-                    continue;
-                }
-                Err(AttemptError::Timeout) => Error::Timeout,
-                Err(AttemptError::Fatal(error)) => return Err(error),
-            };
-            if !error.is_retryable() || retries_used >= settings.retries {
-                return Err(error);
-            }
-            let delay = backoff_delay(
-                retries_used,
-                settings.backoff_base,
-                settings.backoff_max,
-                rand::random::<f64>(),
-            );
-            retries_used += 1;
-            last_answer = Some(error);
-            tokio::time::sleep(delay).await;
-        }
+        let inner = &self.inner;
+        inner.counters.requests.fetch_add(1, Ordering::Relaxed);
+        // Encoded once: every attempt sends the same bytes, request id included.
+        let frame = encode_request(request, inner.settings.max_frame_bytes)?;
+        let failover = Failover::new(self.plan(kind, &targets));
+        let attempts = Attempts::new(
+            &inner.nodes,
+            &inner.counters,
+            &targets,
+            frame,
+            kind,
+            attempt_timeout,
+        );
+        attempts.run(failover).await
     }
 
-    /// One attempt on one target: connect (or reuse), exchange one frame each way.
-    async fn attempt(
-        &self,
-        target: &Target,
-        frame: &[u8],
-        timeout: Duration,
-    ) -> Result<Response, AttemptError> {
-        let connection = match self.connection(target).await {
-            Ok(connection) => connection,
-            Err(error) => {
-                self.note_failure(target, &error);
-                return Err(error);
-            }
+    /// The failover plan of one request: its retries' backoffs and the race and hedge delays
+    /// sized from what the client has seen.
+    fn plan(&self, kind: Kind, targets: &[Target]) -> Plan {
+        let settings = &self.inner.settings;
+        // Each of these takes the health lock, which is not reentrant: one at a time.
+        let connect_race_delay = self
+            .inner
+            .nodes
+            .health()
+            .connect_race_delay(targets.first().map_or("", |target| &target.label));
+        let hedge_delay = match kind {
+            Kind::Read => self.hedge_delay(),
+            Kind::Write => None,
         };
-        let max = self.inner.settings.max_frame_bytes;
-        let outcome = match tokio::time::timeout(timeout, exchange(&connection, frame, max)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) => Err(error.into_attempt_error(&target.label)),
-            Err(_elapsed) => Err(AttemptError::Timeout),
-        };
-        match &outcome {
-            Ok(_) => lock(&self.inner.links).avoidance.forgive(&target.label),
-            Err(error) => self.note_failure(target, error),
-        }
-        outcome
-    }
-
-    /// Bookkeeping after a failed attempt: avoid unreachable nodes, and stop reusing a
-    /// connection that broke or timed out (the next request dials afresh, which detects a dead
-    /// node within `connect_timeout` instead of `request_timeout`).
-    fn note_failure(&self, target: &Target, error: &AttemptError) {
-        let mut links = lock(&self.inner.links);
-        match error {
-            AttemptError::Connection(_) => {
-                links.connections.remove(&target.label);
-                let period = self.inner.settings.avoid_after_failure;
-                links.avoidance.avoid(&target.label, Instant::now(), period);
-            }
-            AttemptError::Timeout => {
-                links.connections.remove(&target.label);
-            }
-            AttemptError::Fatal(_) => {}
-        }
-    }
-
-    /// The cached connection to `target`, or a new one.
-    async fn connection(&self, target: &Target) -> Result<quinn::Connection, AttemptError> {
-        let cached = lock(&self.inner.links)
-            .connections
-            .get(&target.label)
-            .filter(|connection| connection.close_reason().is_none())
-            .cloned();
-        if let Some(connection) = cached {
-            return Ok(connection);
-        }
-        let timeout = self.inner.settings.connect_timeout;
-        let connection = match tokio::time::timeout(timeout, self.dial(target)).await {
-            Ok(result) => result?,
-            Err(_elapsed) => {
-                return Err(AttemptError::Connection(format!(
-                    "no connection to {} within {} ms",
-                    target.address,
-                    timeout.as_millis()
-                )))
-            }
-        };
-        // Two requests may dial the same node at once; the later connection wins the cache and
-        // the other closes when its request drops it. Rare, and harmless.
-        lock(&self.inner.links)
-            .connections
-            .insert(target.label.clone(), connection.clone());
-        Ok(connection)
-    }
-
-    /// Resolves `target.address` (every time: DNS may have moved it) and connects to the first
-    /// address that completes a handshake.
-    async fn dial(&self, target: &Target) -> Result<quinn::Connection, AttemptError> {
-        let addresses = tokio::net::lookup_host(target.address.as_str())
-            .await
-            .map_err(|e| {
-                AttemptError::Connection(format!("cannot resolve {}: {e}", target.address))
-            })?;
-        let mut last =
-            AttemptError::Connection(format!("{} resolved to no address", target.address));
-        for address in addresses {
-            let endpoint = self
-                .inner
-                .endpoints
-                .for_address(address)
-                .map_err(|e| AttemptError::Fatal(Error::Io(e)))?;
-            let connecting = match endpoint.connect_with(
-                self.inner.quic.clone(),
-                address,
-                &target.server_name,
-            ) {
-                Ok(connecting) => connecting,
-                Err(e) => {
-                    last = AttemptError::Connection(format!("cannot connect to {address}: {e}"));
-                    continue;
-                }
-            };
-            match connecting.await {
-                Ok(connection) => return Ok(connection),
-                Err(e) => match classify_connection_error(&target.label, &e) {
-                    fatal @ AttemptError::Fatal(_) => return Err(fatal),
-                    other => last = other,
-                },
-            }
-        }
-        Err(last)
-    }
-}
-
-/// How one exchange on a stream failed, before deciding what it means for the request.
-#[derive(Debug)]
-enum ExchangeError {
-    Connection(quinn::ConnectionError),
-    /// The stream broke (reset, finished without an answer) while the connection lives on.
-    Stream(String),
-    /// The answer's bytes are wrong.
-    Frame(Error),
-}
-
-impl ExchangeError {
-    fn into_attempt_error(self, label: &str) -> AttemptError {
-        match self {
-            ExchangeError::Connection(e) => classify_connection_error(label, &e),
-            ExchangeError::Stream(reason) => AttemptError::Connection(reason),
-            ExchangeError::Frame(error) => AttemptError::Fatal(error),
+        Plan {
+            kind,
+            targets: targets.len(),
+            backoffs: (0..settings.retries)
+                .map(|retry| {
+                    backoff_delay(
+                        retry,
+                        settings.backoff_base,
+                        settings.backoff_max,
+                        rand::random::<f64>(),
+                    )
+                })
+                .collect(),
+            connect_race_delay,
+            hedge_delay,
         }
     }
 }
 
-/// One request frame out, one response frame back, on a fresh bidirectional stream.
-async fn exchange(
-    connection: &quinn::Connection,
-    frame: &[u8],
-    max_frame_bytes: u32,
-) -> Result<Response, ExchangeError> {
-    let (mut send, mut recv) = connection
-        .open_bi()
-        .await
-        .map_err(ExchangeError::Connection)?;
-    match send.write_all(frame).await {
-        Ok(()) => {
-            // Finishing only fails if the stream is already closed; the read below says how.
-            let _ = send.finish();
-        }
-        // The node stopped reading (for example it refused an oversized frame); its answer on
-        // the receive side says why.
-        Err(quinn::WriteError::Stopped(_)) => {}
-        Err(quinn::WriteError::ConnectionLost(e)) => return Err(ExchangeError::Connection(e)),
-        Err(e) => {
-            return Err(ExchangeError::Stream(format!(
-                "sending the request failed: {e}"
-            )))
-        }
-    }
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    read_exact(&mut recv, &mut header).await?;
-    // Checked before allocating: a hostile or broken node cannot make us allocate more than
-    // `max_frame_bytes`.
-    let len = decode_header(header, max_frame_bytes).map_err(ExchangeError::Frame)?;
-    let mut body = vec![0u8; len];
-    read_exact(&mut recv, &mut body).await?;
-    decode_body(&body).map_err(ExchangeError::Frame)
+/// Whether node `id` goes to the end of an order: it is down, due for a probe or suspect, or
+/// was just found so as a seed under its address (a fresh client dials seeds by address before
+/// it knows their ids). A seed's state counts only until its period runs out: seeds that are
+/// known nodes are never dialed again, so nothing would clear it.
+fn routed_last(health: &Health, topology: &Topology, id: &str, now: Instant) -> bool {
+    health.is_down(id, now)
+        || topology.address(id).is_some_and(|address| {
+            matches!(
+                health.route_state(address, now),
+                RouteState::Down | RouteState::Suspect
+            )
+        })
 }
 
-async fn read_exact(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<(), ExchangeError> {
-    recv.read_exact(buf).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(read) => ExchangeError::Stream(format!(
-            "the node closed the stream after {read} bytes of its answer"
-        )),
-        quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e)) => {
-            ExchangeError::Connection(e)
+/// The per-attempt bound: the request's own timeout (clamped as the node clamps it) plus
+/// `margin`; or else the builder's `fixed` bound; or else the cluster's coordinator timeout
+/// (the node's default if the cluster reports none) plus `margin`.
+fn attempt_bound(
+    request_timeout_ms: Option<u32>,
+    fixed: Option<Duration>,
+    server: Option<Duration>,
+    margin: Duration,
+) -> Duration {
+    match (request_timeout_ms, fixed) {
+        (Some(ms), _) => Duration::from_millis(u64::from(ms).min(REQUEST_TIMEOUT_MAX_MS)) + margin,
+        (None, Some(fixed)) => fixed,
+        (None, None) => {
+            server.unwrap_or(Duration::from_millis(DEFAULT_REQUEST_TIMEOUT_MS)) + margin
         }
-        quinn::ReadExactError::ReadError(e) => {
-            ExchangeError::Stream(format!("reading the answer failed: {e}"))
-        }
-    })
-}
-
-/// Tells a refused TLS handshake (fatal) from a connection that merely failed (try elsewhere).
-fn classify_connection_error(label: &str, error: &quinn::ConnectionError) -> AttemptError {
-    use quinn::ConnectionError as E;
-    match error {
-        // Our side's TLS refused the node's certificate (or the handshake otherwise failed).
-        E::TransportError(e) if CRYPTO_ERROR_RANGE.contains(&u64::from(e.code)) => {
-            AttemptError::Fatal(Error::AuthenticationRefused {
-                reason: format!(
-                    "TLS handshake with {label} failed: {} ({e})",
-                    alert_name(u64::from(e.code))
-                ),
-            })
-        }
-        // The node's TLS refused our certificate, and said so with an alert.
-        E::ConnectionClosed(close) if CRYPTO_ERROR_RANGE.contains(&u64::from(close.error_code)) => {
-            AttemptError::Fatal(Error::AuthenticationRefused {
-                reason: format!(
-                    "{label} refused the TLS handshake: {} ({close})",
-                    alert_name(u64::from(close.error_code))
-                ),
-            })
-        }
-        // The handshake passed but the node found no usable identity in our certificate.
-        E::ApplicationClosed(close) if close.error_code == CLOSE_IDENTITY_REFUSED.into() => {
-            AttemptError::Fatal(Error::AuthenticationRefused {
-                reason: format!("{label} refused our certificate: {close}"),
-            })
-        }
-        other => AttemptError::Connection(format!("connection to {label} failed: {other}")),
-    }
-}
-
-/// The TLS alert's name (`UnknownCA`, `BadCertificate`, ...) from a QUIC crypto error code.
-fn alert_name(code: u64) -> String {
-    // The low byte of a crypto error code is the alert; `CRYPTO_ERROR_RANGE` was checked.
-    let alert = rustls::AlertDescription::from((code & 0xff) as u8);
-    format!("TLS alert {alert:?}")
-}
-
-/// The error a node's [`ErrorReply`] stands for.
-fn reply_error(reply: ErrorReply) -> Error {
-    let message = reply.message;
-    match reply.kind {
-        ErrorKind::InvalidRequest => Error::InvalidRequest { message },
-        ErrorKind::QuorumNotReached => {
-            let (required, acked, durable_required, durable_acked) = reply
-                .quorum
-                .map(|q| (q.required, q.acked, q.durable_required, q.durable_acked))
-                .unwrap_or_default();
-            Error::QuorumNotReached {
-                required,
-                acked,
-                durable_required,
-                durable_acked,
-                message,
-            }
-        }
-        ErrorKind::Overloaded => Error::Overloaded { message },
-        ErrorKind::Unavailable => Error::Unavailable { message },
-        ErrorKind::Internal => Error::Internal { message },
     }
 }
 
@@ -896,80 +793,36 @@ fn new_request_id() -> RequestId {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::QuorumShortfall;
 
     #[test]
-    fn replies_map_to_errors_with_their_shortfall() {
-        let error = reply_error(ErrorReply {
-            kind: ErrorKind::QuorumNotReached,
-            message: "1 of 2".into(),
-            quorum: Some(QuorumShortfall {
-                required: 2,
-                acked: 1,
-                durable_required: 1,
-                durable_acked: 1,
-            }),
-        });
-        assert!(matches!(
-            error,
-            Error::QuorumNotReached {
-                required: 2,
-                acked: 1,
-                durable_required: 1,
-                durable_acked: 1,
-                ..
-            }
-        ));
-        assert!(!error.is_retryable());
-        for (kind, retryable) in [
-            (ErrorKind::InvalidRequest, false),
-            (ErrorKind::Overloaded, true),
-            (ErrorKind::Unavailable, true),
-            (ErrorKind::Internal, false),
-        ] {
-            let error = reply_error(ErrorReply {
-                kind,
-                message: String::new(),
-                quorum: None,
-            });
-            assert_eq!(error.is_retryable(), retryable, "{kind:?}");
-        }
-    }
-
-    #[test]
-    fn tls_alerts_are_authentication_refusals_and_other_closes_are_not() {
-        let refused = quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
-            error_code: quinn::TransportErrorCode::crypto(48),
-            frame_type: None,
-            reason: Default::default(),
-        });
-        match classify_connection_error("n1", &refused) {
-            AttemptError::Fatal(Error::AuthenticationRefused { reason }) => {
-                assert!(reason.contains("UnknownCA"), "{reason}");
-            }
-            other => panic!("{other:?}"),
-        }
-        let identity = quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
-            error_code: CLOSE_IDENTITY_REFUSED.into(),
-            reason: Default::default(),
-        });
-        assert!(matches!(
-            classify_connection_error("n1", &identity),
-            AttemptError::Fatal(Error::AuthenticationRefused { .. })
-        ));
-        for transient in [
-            quinn::ConnectionError::TimedOut,
-            quinn::ConnectionError::Reset,
-            quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
-                error_code: 0u32.into(),
-                reason: Default::default(),
-            }),
-        ] {
-            assert!(matches!(
-                classify_connection_error("n1", &transient),
-                AttemptError::Connection(_)
-            ));
-        }
+    fn the_attempt_bound_follows_the_request_then_the_override_then_the_cluster() {
+        let ms = Duration::from_millis;
+        let margin = ms(500);
+        // The request's own timeout wins, shorter or longer than anything else.
+        assert_eq!(
+            attempt_bound(Some(100), Some(ms(9000)), Some(ms(5000)), margin),
+            ms(600)
+        );
+        assert_eq!(
+            attempt_bound(Some(30_000), None, Some(ms(2000)), margin),
+            ms(30_500)
+        );
+        // ...clamped as the node clamps it.
+        assert_eq!(
+            attempt_bound(Some(u32::MAX), None, None, margin),
+            ms(REQUEST_TIMEOUT_MAX_MS) + margin
+        );
+        // Without one: the builder's override, as given.
+        assert_eq!(
+            attempt_bound(None, Some(ms(9000)), Some(ms(5000)), margin),
+            ms(9000)
+        );
+        // Or the cluster's coordinator timeout plus the margin, 2 s if it reports none.
+        assert_eq!(attempt_bound(None, None, Some(ms(5000)), margin), ms(5500));
+        assert_eq!(
+            attempt_bound(None, None, None, margin),
+            ms(DEFAULT_REQUEST_TIMEOUT_MS) + margin
+        );
     }
 
     #[test]

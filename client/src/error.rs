@@ -73,11 +73,13 @@ pub enum Error {
     UnexpectedResponse { reason: String },
 
     /// Every node tried failed at the connection level (unreachable, handshake timed out,
-    /// connection lost mid-request). Each attempt is `(node, reason)`, where `node` is a node id
-    /// or, for a seed, its address.
+    /// connection lost or silent mid-request). Each attempt is `(node, reason)`, where `node` is
+    /// a node id or, for a seed, its address.
     #[error("no node reachable: {}", format_attempts(.attempts))]
     NoNodeReachable { attempts: Vec<(String, String)> },
-    /// A node did not answer within the client's per-attempt bound (`request_timeout`).
+    /// A node did not answer within the client's per-attempt bound: the request's `timeout_ms`,
+    /// or the cluster's coordinator timeout, plus a margin (see [`crate::client`]), while its
+    /// connection stayed alive.
     #[error("request timed out waiting for a node")]
     Timeout,
     /// A node refused the TLS handshake: our certificate is missing, expired or issued by

@@ -6,7 +6,9 @@
 //!   wire and the messages they carry. These modules depend on no runtime and no socket library, so the
 //!   node, the client and the test tools share one definition of the protocol.
 //! - **The client** ([`Client`], built by [`ClientBuilder`]): QUIC connections with mutual TLS
-//!   ([`tls`]), routing to a key's replicas, per-attempt timeouts and retries with backoff,
+//!   ([`tls`]), routing to a key's replicas, failover that keeps a dead node from stalling
+//!   requests (racing dials, hedged reads, nodes remembered as down; see [`client`]),
+//!   per-attempt timeouts that follow the request's and the cluster's, retries with backoff,
 //!   and sibling resolution ([`Client::resolve`]). [`render`] holds the CLI's output formats.
 //!
 //! ```no_run
@@ -33,18 +35,23 @@
 //!
 //! Errors are one enum, [`Error`], with [`Error::is_retryable`] and the CLI's [`exit_code`].
 
+mod attempts;
 pub mod client;
+mod connection;
 pub mod context;
 pub mod error;
+mod failover;
 pub mod frame;
+mod health;
 pub mod msgpack;
 pub mod protocol;
 pub mod render;
 mod route;
 pub mod tls;
 
-pub use client::{Client, ClientBuilder, GetResult};
+pub use client::{Client, ClientBuilder, ClientStats, GetResult, Hedge};
 pub use context::Context;
 pub use error::{exit_code, Error, Result};
+pub use health::NodeStats;
 pub use protocol::{ReadOptions, RequestId, SiblingValue, WriteOptions, DEFAULT_KEYSPACE};
 pub use tls::TlsIdentity;

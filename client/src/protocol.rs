@@ -22,6 +22,15 @@ pub const CLIENT_ALPN: &[u8] = b"quorumkv-client/1";
 /// The keyspace every cluster has.
 pub const DEFAULT_KEYSPACE: &str = "default";
 
+/// The coordinator timeout of a node whose configuration sets none
+/// (`timeouts.request_timeout_ms`); also what a client assumes of a cluster that does not report
+/// its own in [`ClusterInfo::request_timeout_ms`].
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 2_000;
+
+/// The longest coordinator timeout a request's `timeout_ms` may ask for; nodes clamp longer ones
+/// to this.
+pub const REQUEST_TIMEOUT_MAX_MS: u64 = 120_000;
+
 /// Identifies one logical write across its retries. Drawn at random by the client.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct RequestId(pub [u8; 16]);
@@ -128,6 +137,12 @@ pub struct ClusterInfo {
     pub ring: quorumkv_ring::Ring,
     pub nodes: Vec<NodeAddress>,
     pub keyspaces: Vec<KeyspaceInfo>,
+    /// How long the answering node's coordinators wait for replicas when a request sets no
+    /// `timeout_ms` (its `timeouts.request_timeout_ms`), so a client can size its own wait.
+    /// Added after the first release: older nodes leave it out (decoded as `None`) and older
+    /// clients ignore it, as the named encoding allows.
+    #[serde(default)]
+    pub request_timeout_ms: Option<u64>,
 }
 
 /// A node's answer to one [`Request`].
@@ -221,6 +236,44 @@ mod tests {
             let frame = encode_frame(&request, 1 << 20).unwrap();
             assert_eq!(decode_frame::<Request>(&frame, 1 << 20).unwrap(), request);
         }
+    }
+
+    #[test]
+    fn cluster_info_gained_the_request_timeout_compatibly() {
+        use quorumkv_ring::{Node, NodeId, Ring, RingConfig, Zone};
+        /// `ClusterInfo` as the first release encoded it.
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct ClusterInfoV0 {
+            ring: quorumkv_ring::Ring,
+            nodes: Vec<NodeAddress>,
+            keyspaces: Vec<KeyspaceInfo>,
+        }
+        let node = Node::new(NodeId::new("n1").unwrap(), Zone::new("z").unwrap(), 1).unwrap();
+        let ring = Ring::build(RingConfig::new(4, 1).unwrap(), [node]).unwrap();
+        let old = ClusterInfoV0 {
+            ring: ring.clone(),
+            nodes: vec![NodeAddress {
+                id: "n1".into(),
+                address: "127.0.0.1:7000".into(),
+            }],
+            keyspaces: vec![KeyspaceInfo {
+                name: DEFAULT_KEYSPACE.into(),
+                n: 1,
+            }],
+        };
+        // An old node's answer decodes, without a timeout.
+        let frame = encode_frame(&old, 1 << 20).unwrap();
+        let decoded: ClusterInfo = decode_frame(&frame, 1 << 20).unwrap();
+        assert_eq!(decoded.request_timeout_ms, None);
+        assert_eq!(decoded.ring, ring);
+        // A new node's answer decodes in an old client, which ignores the timeout.
+        let new = ClusterInfo {
+            request_timeout_ms: Some(5_000),
+            ..decoded
+        };
+        let frame = encode_frame(&new, 1 << 20).unwrap();
+        assert_eq!(decode_frame::<ClusterInfoV0>(&frame, 1 << 20).unwrap(), old);
+        assert_eq!(decode_frame::<ClusterInfo>(&frame, 1 << 20).unwrap(), new);
     }
 
     #[test]

@@ -14,9 +14,9 @@
 //! 2. every other node, in the ring's fallback order for that range (which differs from range
 //!    to range, so when replicas are down the load spreads instead of landing on one node);
 //! 3. nodes the cluster listed with an address but that are not ring members yet (joining);
-//! 4. within that order, nodes that failed at the connection level recently ([`Avoidance`]) are
-//!    moved to the end rather than dropped: when every node looks down, trying them anyway beats
-//!    giving up.
+//! 4. within that order, nodes marked down (a failed dial, a broken or silent connection: see
+//!    `health`) are moved to the end rather than dropped: when every node looks down, trying
+//!    them anyway beats giving up.
 //!
 //! Any node accepts any request and forwards it to a coordinator if it is not a replica, so
 //! **correctness never depends on routing**: a stale ring or an unknown keyspace only costs a
@@ -33,9 +33,10 @@
 use crate::protocol::ClusterInfo;
 use quorumkv_ring::{Ring, Token};
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// What the client knows about the cluster: the ring, where nodes listen, each keyspace's N.
+/// What the client knows about the cluster: the ring, where nodes listen, each keyspace's N,
+/// and how long coordinators wait.
 #[derive(Clone, Debug)]
 pub(crate) struct Topology {
     ring: Ring,
@@ -43,6 +44,8 @@ pub(crate) struct Topology {
     addresses: BTreeMap<String, String>,
     /// Keyspace name → replication factor N.
     replication: HashMap<String, usize>,
+    /// The coordinator timeout the cluster reported, if it did.
+    request_timeout: Option<Duration>,
 }
 
 impl Topology {
@@ -60,7 +63,13 @@ impl Topology {
                 .into_iter()
                 .map(|keyspace| (keyspace.name, usize::from(keyspace.n)))
                 .collect(),
+            request_timeout: info.request_timeout_ms.map(Duration::from_millis),
         }
+    }
+
+    /// How long the cluster's coordinators wait for replicas by default, if it said.
+    pub(crate) fn request_timeout(&self) -> Option<Duration> {
+        self.request_timeout
     }
 
     /// Where node `id` listens, if the cluster told us.
@@ -133,32 +142,6 @@ impl Topology {
     }
 }
 
-/// Nodes to try last for a while because a connection to them failed.
-///
-/// A node is avoided for a fixed period after a connection-level failure and forgiven at once
-/// when a request to it succeeds. Avoiding is not excluding: see the module documentation.
-#[derive(Debug, Default)]
-pub(crate) struct Avoidance {
-    until: HashMap<String, Instant>,
-}
-
-impl Avoidance {
-    /// Avoids `node` until `now + period`.
-    pub(crate) fn avoid(&mut self, node: &str, now: Instant, period: Duration) {
-        self.until.insert(node.to_string(), now + period);
-    }
-
-    /// Forgets an earlier failure of `node`.
-    pub(crate) fn forgive(&mut self, node: &str) {
-        self.until.remove(node);
-    }
-
-    /// Whether `node` failed recently.
-    pub(crate) fn is_avoided(&self, node: &str, now: Instant) -> bool {
-        self.until.get(node).is_some_and(|&until| now < until)
-    }
-}
-
 /// Delay before retry number `retry` (0 for the first retry).
 ///
 /// `unit_random` is a random number in `[0, 1)`; the delay is `d/2 + d/2 · unit_random` where
@@ -201,6 +184,7 @@ mod tests {
                 name: "default".into(),
                 n,
             }],
+            request_timeout_ms: Some(3_000),
         })
     }
 
@@ -268,6 +252,7 @@ mod tests {
         );
         assert!(topology.has_address("127.0.0.1:7999"));
         assert_eq!(topology.address("b"), Some("127.0.0.1:7001"));
+        assert_eq!(topology.request_timeout(), Some(Duration::from_secs(3)));
     }
 
     #[test]
@@ -277,18 +262,6 @@ mod tests {
         let order = topology.order_for_key("default", b"k", |_| false);
         assert_eq!(order.len(), 2);
         assert!(!order.contains(&"b".to_string()));
-    }
-
-    #[test]
-    fn avoidance_expires_and_is_forgiven_on_success() {
-        let mut avoidance = Avoidance::default();
-        let now = Instant::now();
-        avoidance.avoid("a", now, Duration::from_secs(1));
-        assert!(avoidance.is_avoided("a", now));
-        assert!(!avoidance.is_avoided("b", now));
-        assert!(!avoidance.is_avoided("a", now + Duration::from_secs(1)));
-        avoidance.forgive("a");
-        assert!(!avoidance.is_avoided("a", now));
     }
 
     #[test]

@@ -153,7 +153,7 @@ pub struct Timeouts {
 impl Default for Timeouts {
     fn default() -> Timeouts {
         Timeouts {
-            request_timeout_ms: 2000,
+            request_timeout_ms: quorumkv_client::protocol::DEFAULT_REQUEST_TIMEOUT_MS,
             connect_timeout_ms: 1000,
             ping_interval_ms: 500,
             peer_down_after_ms: 2000,

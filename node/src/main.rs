@@ -16,7 +16,8 @@
 //! Exit status: 0 on success; 2 for usage errors and invalid input (bad flags, a bad or
 //! missing config, an invalid name, certificate files that are missing or do not fit the
 //! config, a file that exists without `--force`); 1 for everything else. Errors are one line
-//! on stderr. Logs go to stderr too, filtered by `RUST_LOG` (default `info`).
+//! on stderr. Logs go to stderr too, filtered by `RUST_LOG` (default `info`; `warn` for the
+//! client commands, whose stderr is part of their output).
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -135,7 +136,13 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => return usage_error(&err),
     };
-    init_tracing();
+    let client_command = matches!(
+        cli.command,
+        Command::Put { .. } | Command::Get { .. } | Command::Delete { .. }
+    );
+    // The client library says at `info` when it marks a node down or up: news in a service's
+    // log, noise in a shell command's stderr.
+    init_tracing(if client_command { "warn" } else { "info" });
     // The client commands and `dev` choose their own exit codes (see their modules).
     let cli = match cli.command {
         Command::Dev(args) => {
@@ -340,9 +347,9 @@ fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn init_tracing() {
+fn init_tracing(default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -46,7 +46,7 @@ async fn fault_tolerant_client(cluster: &TestCluster) -> Client {
     cluster
         .client_builder()
         .connect_timeout(Duration::from_millis(500))
-        .avoid_after_failure(Duration::from_secs(600))
+        .down_backoff(Duration::from_secs(600), Duration::from_secs(600))
         .build()
         .await
         .expect("connecting a client")

@@ -141,7 +141,7 @@ pub struct CoreConfig {
 impl Default for CoreConfig {
     fn default() -> CoreConfig {
         CoreConfig {
-            request_timeout_ms: 2_000,
+            request_timeout_ms: quorumkv_client::protocol::DEFAULT_REQUEST_TIMEOUT_MS,
             ping_interval_ms: 500,
             peer_down_after_ms: 2_000,
             key_bytes_max: 1024,
@@ -160,8 +160,8 @@ impl Default for CoreConfig {
 /// out is never refused (see `coordinate::check_key_state`).
 pub const CONTEXT_TOKEN_SLACK: usize = 4;
 
-/// The longest timeout a request may ask for.
-const REQUEST_TIMEOUT_MAX_MS: u64 = 120_000;
+/// The longest timeout a request may ask for, defined with the protocol.
+pub(crate) use quorumkv_client::protocol::REQUEST_TIMEOUT_MAX_MS;
 
 /// The time, as the caller sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -472,6 +472,7 @@ impl NodeCore {
                     n: *n,
                 })
                 .collect(),
+            request_timeout_ms: Some(self.config.request_timeout_ms),
         }
     }
 }
