@@ -11,8 +11,10 @@
 //!
 //! The header is checked before anything is allocated for the body: an unknown version or a
 //! length above the receiver's cap is refused on the five header bytes alone, so a hostile or
-//! broken peer cannot make a node allocate more than `max_frame_bytes`. Decoding the body never
-//! panics; malformed bytes become [`Error::MalformedFrame`].
+//! broken peer cannot make a node allocate more than `max_frame_bytes` for the body. Decoding
+//! the body never panics, and reserves memory only for what the body's bytes hold, not for
+//! what its MessagePack headers claim ([`crate::msgpack`]); malformed bytes become
+//! [`Error::MalformedFrame`].
 //!
 //! This module holds no runtime: reading and writing frames on a stream is the transport's job,
 //! which calls [`decode_header`] on the first five bytes and [`decode_body`] on the rest.
@@ -67,9 +69,11 @@ pub fn decode_header(header: [u8; FRAME_HEADER_LEN], max_frame_bytes: u32) -> Re
     Ok(len as usize)
 }
 
-/// Decodes a frame body read after [`decode_header`].
+/// Decodes a frame body read after [`decode_header`]. The body must be complete MessagePack
+/// whose every length its bytes back ([`crate::msgpack`]), so a body reserves no memory for
+/// what it only claims to hold.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
-    rmp_serde::from_slice(body).map_err(|e| Error::MalformedFrame {
+    crate::msgpack::from_slice(body).map_err(|e| Error::MalformedFrame {
         reason: e.to_string(),
     })
 }
@@ -164,6 +168,21 @@ mod tests {
             decode_frame::<Probe>(&[1, 0], 1024),
             Err(Error::MalformedFrame { .. })
         ));
+    }
+
+    /// Found by `node/tests/fuzz_alloc.rs`: a 53-byte `Response::Got` body whose sibling array
+    /// claimed 2^32 - 1 entries made the decoder reserve 1 MiB. It is malformed, and refused
+    /// before anything is reserved.
+    #[test]
+    fn a_body_claiming_more_than_it_holds_is_malformed() {
+        let mut body = vec![0x92, 0xa1, b'x'];
+        body.extend_from_slice(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0xc4, 0x00]);
+        let err = decode_body::<(String, Vec<Probe>)>(&body).unwrap_err();
+        assert!(matches!(err, Error::MalformedFrame { .. }), "{err}");
+        assert!(
+            err.to_string().contains("announces 4294967295 elements"),
+            "{err}"
+        );
     }
 
     proptest! {

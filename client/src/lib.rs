@@ -2,8 +2,8 @@
 //!
 //! Everything a program needs to talk to a QuorumKV cluster lives here, in two layers:
 //!
-//! - **The protocol** ([`frame`], [`protocol`], [`context`]): the bytes on the wire and the
-//!   messages they carry. These modules depend on no runtime and no socket library, so the
+//! - **The protocol** ([`frame`], [`protocol`], [`context`], [`msgpack`]): the bytes on the
+//!   wire and the messages they carry. These modules depend on no runtime and no socket library, so the
 //!   node, the client and the test tools share one definition of the protocol.
 //! - **The client** ([`Client`], built by [`ClientBuilder`]): QUIC connections with mutual TLS
 //!   ([`tls`]), routing to a key's replicas, failover that keeps a dead node from stalling
@@ -43,6 +43,7 @@ pub mod error;
 mod failover;
 pub mod frame;
 mod health;
+pub mod msgpack;
 pub mod protocol;
 pub mod render;
 mod route;

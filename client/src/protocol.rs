@@ -173,9 +173,12 @@ pub enum ErrorKind {
     QuorumNotReached,
     /// The node is at its in-flight limit; retry later.
     Overloaded,
-    /// The node could not reach any replica or coordinator for the key in time.
+    /// This node cannot serve the request, but another may: it could not reach any replica or
+    /// coordinator for the key in time, or it took itself out of service (its storage failed).
+    /// Retryable on another node.
     Unavailable,
-    /// The node hit an internal error (for example its disk failed).
+    /// The node hit an error that retrying elsewhere would not fix (for example one key's
+    /// stored state is corrupt).
     Internal,
 }
 

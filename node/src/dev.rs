@@ -1,4 +1,6 @@
-//! A local cluster on loopback: the layout `quorumkv dev` creates, and the test harness too.
+//! A local cluster on one machine: the layout `quorumkv dev` creates, and the test harness too.
+//! `dev` puts every node on loopback; the tests may give each node an address of its own
+//! ([`Ports::Addresses`]).
 //!
 //! [`prepare`] lays out everything a local cluster needs under one directory:
 //!
@@ -34,6 +36,9 @@ pub enum Ports {
     Base { quic: u16, admin: u16 },
     /// One (QUIC, admin) pair per node, chosen by the caller (tests pick free ports).
     Explicit(Vec<(u16, u16)>),
+    /// One (QUIC, admin) socket address per node, for nodes that do not share loopback: each
+    /// on a host or in a network namespace of its own (the network-fault tests).
+    Addresses(Vec<(SocketAddr, SocketAddr)>),
 }
 
 /// Everything about one node of a local cluster.
@@ -110,20 +115,23 @@ pub fn prepare(dir: &Path, count: usize, ports: &Ports, ranges: u32) -> Result<L
             reason: "a cluster needs at least one node".into(),
         });
     }
-    let pairs: Vec<(u16, u16)> = match ports {
+    let addresses: Vec<(SocketAddr, SocketAddr)> = match ports {
         Ports::Base { quic, admin } => (0..count)
             .map(|i| {
                 let offset = u16::try_from(i).unwrap_or(u16::MAX);
-                (quic.saturating_add(offset), admin.saturating_add(offset))
+                (
+                    loopback(quic.saturating_add(offset)),
+                    loopback(admin.saturating_add(offset)),
+                )
             })
             .collect(),
-        Ports::Explicit(pairs) if pairs.len() == count => pairs.clone(),
-        Ports::Explicit(pairs) => {
-            return Err(Error::Config {
-                field: "ports".into(),
-                reason: format!("{} port pairs given for {count} nodes", pairs.len()),
-            })
-        }
+        Ports::Explicit(pairs) if pairs.len() == count => pairs
+            .iter()
+            .map(|(quic, admin)| (loopback(*quic), loopback(*admin)))
+            .collect(),
+        Ports::Addresses(addresses) if addresses.len() == count => addresses.clone(),
+        Ports::Explicit(pairs) => return Err(ports_mismatch(pairs.len(), count)),
+        Ports::Addresses(addresses) => return Err(ports_mismatch(addresses.len(), count)),
     };
     let dir = absolute(dir)?;
     let certs_dir = dir.join("certs");
@@ -148,10 +156,10 @@ pub fn prepare(dir: &Path, count: usize, ports: &Ports, ranges: u32) -> Result<L
     })?;
     let members: Vec<MemberConfig> = ids
         .iter()
-        .zip(&pairs)
+        .zip(&addresses)
         .map(|(id, (quic, _))| MemberConfig {
             id: id.clone(),
-            address: loopback(*quic).to_string(),
+            address: quic.to_string(),
             zone: zone.clone(),
             capacity: 1,
         })
@@ -162,7 +170,7 @@ pub fn prepare(dir: &Path, count: usize, ports: &Ports, ranges: u32) -> Result<L
             .into_iter()
             .collect();
     let mut nodes = Vec::new();
-    for (id, (quic, admin)) in ids.iter().zip(&pairs) {
+    for (id, (quic, admin)) in ids.iter().zip(&addresses) {
         let node_certs = certs::node_paths(&certs_dir, id);
         if !node_certs.cert.exists() {
             certs::issue_node(&certs_dir, id, IfExists::Refuse)?;
@@ -174,10 +182,10 @@ pub fn prepare(dir: &Path, count: usize, ports: &Ports, ranges: u32) -> Result<L
             node_id: id.clone(),
             zone: zone.clone(),
             capacity: 1,
-            listen: loopback(*quic),
-            advertise: loopback(*quic).to_string(),
+            listen: *quic,
+            advertise: quic.to_string(),
             data_dir,
-            admin_listen: loopback(*admin),
+            admin_listen: *admin,
             ranges,
             replication_max: 3,
             worker_threads: shared_cpu_threads(count),
@@ -217,6 +225,13 @@ pub fn prepare(dir: &Path, count: usize, ports: &Ports, ranges: u32) -> Result<L
 fn shared_cpu_threads(nodes: usize) -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     (cpus / nodes.max(1)).max(1)
+}
+
+fn ports_mismatch(given: usize, count: usize) -> Error {
+    Error::Config {
+        field: "ports".into(),
+        reason: format!("{given} port pairs given for {count} nodes"),
+    }
 }
 
 fn loopback(port: u16) -> SocketAddr {

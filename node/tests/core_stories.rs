@@ -358,3 +358,42 @@ fn a_node_whose_storage_failed_takes_itself_out_of_service() {
         matches!(cluster.reply(put), Some(Response::Error(e)) if e.kind == ErrorKind::Unavailable)
     );
 }
+
+/// Hardening defect 4, the writer's side: a client whose write timed out at one coordinator
+/// retries it at another, then writes again with the context that retry handed back. That
+/// context's dots cover only the retry's copy, yet the first copy must go as well.
+#[test]
+fn a_write_after_a_retry_elsewhere_replaces_both_copies_of_the_retried_write() {
+    use quorumkv_client::protocol::{Request, RequestId, WriteOptions};
+    let mut cluster = Driver::new(3, 3, CoreConfig::default());
+    let [n1, n2, n3] = cluster.ids();
+    cluster.cut(&n1, &n2);
+    cluster.cut(&n1, &n3);
+    let attempt = Request::Put {
+        keyspace: "default".into(),
+        key: b"k".to_vec(),
+        value: b"x".to_vec(),
+        context: None,
+        request_id: RequestId([7; 16]),
+        options: WriteOptions {
+            w: Some(1),
+            dw: Some(0),
+            timeout_ms: None,
+        },
+    };
+    let first = cluster.request(&n1, attempt.clone());
+    let retry = cluster.request(&n2, attempt);
+    cluster.settle();
+    assert!(cluster.written(first) && cluster.written(retry));
+    let context = context_of(&cluster, retry);
+
+    let next = cluster.put_with(&n1, "k", "y", Some(context), 1);
+    cluster.settle();
+    assert!(cluster.written(next));
+    assert_eq!(cluster.values(&n1, "k"), ["y"], "the first copy survived");
+
+    cluster.heal();
+    let read = cluster.get(&n3, "k", 3);
+    cluster.settle();
+    assert_eq!(cluster.got(read).expect("the read succeeds"), ["y"]);
+}

@@ -163,30 +163,70 @@ async fn a_cut_link_fails_w3_fast_and_w2_still_succeeds() {
     .expect("test finished in time");
 }
 
+/// Hardening defect 4: a write retried at another coordinator is stored twice (two dots, one
+/// request id). A reader shown one copy writes with that context at a node that holds only the
+/// other copy; neither copy may survive next to the new write, at that node or anywhere later.
 #[tokio::test]
-async fn a_retry_through_another_coordinator_adds_no_sibling() {
+async fn a_retry_through_another_coordinator_never_leaves_a_duplicate() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let cluster = start(3);
-        let (_, n1) = &cluster.nodes[0];
-        let (_, n2) = &cluster.nodes[1];
-        // The same logical write (same request id) reaches two coordinators, as a client
-        // retry after a timeout would; each coordinator may create its own dot.
+        let (id1, n1) = &cluster.nodes[0];
+        let (id2, n2) = &cluster.nodes[1];
+        let (id3, n3) = &cluster.nodes[2];
+        let isolate = |up: bool| {
+            for other in [id2, id3] {
+                cluster.network.set_link(id1, other, up);
+                cluster.network.set_link(other, id1, up);
+            }
+        };
+        // The first attempt reaches n1 only (its reply "lost"); the retry, same request id,
+        // goes to n2, which stores a second copy under its own dot and replicates it to n3.
+        isolate(false);
         let write = put("retried", "once", 1);
         assert!(matches!(
             n1.request(write.clone()).await,
             Response::Written { .. }
         ));
-        assert!(matches!(n2.request(write).await, Response::Written { .. }));
-        match n1.request(get("retried", 3)).await {
-            Response::Got { siblings, .. } => {
-                assert_eq!(
-                    siblings.len(),
-                    1,
-                    "a retry became a second sibling: {siblings:?}"
-                )
+        let mut retry = write;
+        if let Request::Put { options, .. } = &mut retry {
+            options.w = Some(2);
+        }
+        assert!(matches!(n2.request(retry).await, Response::Written { .. }));
+        // A reader is shown n1's copy only, and writes with that context at n3.
+        let context = match n1.request(get("retried", 1)).await {
+            Response::Got { siblings, context } => {
+                assert_eq!(siblings.len(), 1);
+                context
             }
             other => panic!("unexpected {other:?}"),
+        };
+        let mut replace = put("retried", "replaced", 1);
+        if let Request::Put { context: c, .. } = &mut replace {
+            *c = Some(context);
         }
+        assert!(matches!(
+            n3.request(replace).await,
+            Response::Written { .. }
+        ));
+        let values = |response: Response| match response {
+            Response::Got { siblings, .. } => siblings
+                .into_iter()
+                .map(|s| String::from_utf8_lossy(&s.value).into_owned())
+                .collect::<Vec<_>>(),
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(
+            values(n3.request(get("retried", 1)).await),
+            ["replaced"],
+            "the retry's copy survived next to the write that replaced the write"
+        );
+        // Once healed, a read of every replica (each still holding what it held) agrees.
+        isolate(true);
+        assert_eq!(
+            values(n1.request(get("retried", 3)).await),
+            ["replaced"],
+            "a copy of the replaced write came back"
+        );
     })
     .await
     .expect("test finished in time");

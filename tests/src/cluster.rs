@@ -1,5 +1,6 @@
 //! The multi-process harness: real `quorumkv` processes on loopback, started, killed, paused
-//! and restarted by the tests in `tests/tests/cluster_*.rs`.
+//! and restarted by the tests in `tests/tests/cluster_*.rs`; with [`ClusterOptions::hosts`],
+//! each in a network namespace of its own (`tests/tests/netfault.rs`, see [`crate::netns`]).
 //!
 //! [`TestCluster::start`] builds the binary once per test process ([`ensure_binary`]), picks
 //! free ports, lays out certificates, configurations and data directories with the same
@@ -366,6 +367,13 @@ impl Drop for ChildGuard {
 
 /// Spawns `quorumkv start --config <config>` with stdout and stderr appended to `log`.
 pub fn spawn_node(config: &Path, log: &Path) -> ChildGuard {
+    spawn_node_under(&[], config, log)
+}
+
+/// [`spawn_node`] under a launcher: `launcher[0] launcher[1..] quorumkv start ...`, for example
+/// `ip netns exec <namespace>`. The launcher must exec the node in its own process (as
+/// `ip netns exec` does), so that the guard's signals reach the node itself.
+pub fn spawn_node_under(launcher: &[String], config: &Path, log: &Path) -> ChildGuard {
     let file = OpenOptions::new()
         .create(true)
         .append(true)
@@ -373,7 +381,15 @@ pub fn spawn_node(config: &Path, log: &Path) -> ChildGuard {
         .unwrap_or_else(|e| panic!("opening {}: {e}", log.display()));
     let stderr = file.try_clone().expect("duplicating the log file handle");
     let level = std::env::var("QUORUMKV_TEST_NODE_LOG").unwrap_or_else(|_| "info".into());
-    let child = Command::new(ensure_binary())
+    let mut command = match launcher.split_first() {
+        Some((program, arguments)) => {
+            let mut command = Command::new(program);
+            command.args(arguments).arg(ensure_binary());
+            command
+        }
+        None => Command::new(ensure_binary()),
+    };
+    let child = command
         .arg("start")
         .arg("--config")
         .arg(config)
@@ -422,11 +438,31 @@ pub struct ClusterOptions {
     pub peer_down_after_ms: Option<u64>,
     /// Limits, if not the defaults.
     pub limits: Option<Limits>,
+    /// Data directories that live elsewhere than the cluster's directory, by node index: for
+    /// a node whose data must sit on a file system of its own (a small tmpfs that fills up).
+    /// The directory must exist; the harness neither creates nor removes it.
+    pub data_dirs: BTreeMap<usize, PathBuf>,
     /// Any other change, applied last to node `i`'s configuration (it must stay valid).
     pub patch: Option<fn(usize, &mut Config)>,
     /// Whether [`TestCluster::start`] waits until the nodes can replicate to each other
     /// ([`TestCluster::wait_connected`]) or returns as soon as every node answers `/ready`.
     pub wait_connected: bool,
+    /// Where each node runs: empty puts every node on loopback with free ports; otherwise one
+    /// [`NodeHost`] per node.
+    pub hosts: Vec<NodeHost>,
+}
+
+/// A node's own address and how to start it there, for nodes that do not share loopback (for
+/// example one network namespace per node, [`crate::netns`]).
+#[derive(Clone, Debug)]
+pub struct NodeHost {
+    /// Where the node's QUIC endpoint listens and its peers and clients reach it.
+    pub quic: SocketAddr,
+    /// Where the node's admin HTTP server listens.
+    pub admin: SocketAddr,
+    /// The command `quorumkv start` runs under, such as `ip netns exec <namespace>` (see
+    /// [`spawn_node_under`]); empty runs it directly.
+    pub launcher: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -438,8 +474,10 @@ impl Default for ClusterOptions {
             ping_interval_ms: None,
             peer_down_after_ms: Some(TOLERANT_TIMEOUT_MS),
             limits: None,
+            data_dirs: BTreeMap::new(),
             patch: None,
             wait_connected: true,
+            hosts: Vec::new(),
         }
     }
 }
@@ -470,6 +508,9 @@ impl ClusterOptions {
         if let Some(limits) = &self.limits {
             config.limits = limits.clone();
         }
+        if let Some(dir) = self.data_dirs.get(&index) {
+            config.data_dir = dir.clone();
+        }
         if let Some(patch) = self.patch {
             patch(index, config);
         }
@@ -478,10 +519,13 @@ impl ClusterOptions {
 
 // ----- the cluster ---------------------------------------------------------------------------
 
-/// A running multi-process cluster on loopback; everything is torn down on drop.
+/// A running multi-process cluster (on loopback unless [`ClusterOptions::hosts`] says
+/// otherwise); everything is torn down on drop.
 #[derive(Debug)]
 pub struct TestCluster {
     local: LocalCluster,
+    /// The command each node runs under ([`NodeHost::launcher`]); empty for loopback nodes.
+    launchers: Vec<Vec<String>>,
     /// The cluster map every node runs with (ring, keyspaces, addresses).
     map: quorumkv_node::core::ClusterMap,
     processes: Vec<Option<ChildGuard>>,
@@ -501,7 +545,18 @@ impl TestCluster {
             .prefix("quorumkv-test-")
             .tempdir()
             .expect("creating a temporary directory");
-        let ports = Ports::Explicit(free_port_pairs(nodes));
+        let ports = if options.hosts.is_empty() {
+            Ports::Explicit(free_port_pairs(nodes))
+        } else {
+            assert_eq!(options.hosts.len(), nodes, "one host per node");
+            Ports::Addresses(
+                options
+                    .hosts
+                    .iter()
+                    .map(|host| (host.quic, host.admin))
+                    .collect(),
+            )
+        };
         let mut local = dev::prepare(dir.path(), nodes, &ports, options.ranges)
             .unwrap_or_else(|e| panic!("preparing the cluster layout: {e}"));
         for (index, node) in local.nodes.iter_mut().enumerate() {
@@ -514,8 +569,18 @@ impl TestCluster {
         }
         let map = quorumkv_node::server::cluster_map(&local.nodes[0].config)
             .unwrap_or_else(|e| panic!("building the cluster map: {e}"));
+        let launchers = if options.hosts.is_empty() {
+            vec![Vec::new(); nodes]
+        } else {
+            options
+                .hosts
+                .iter()
+                .map(|host| host.launcher.clone())
+                .collect()
+        };
         let mut cluster = TestCluster {
             map,
+            launchers,
             processes: local.nodes.iter().map(|_| None).collect(),
             paused: vec![false; nodes],
             local,
@@ -640,7 +705,11 @@ impl TestCluster {
             .open(&log)
             .expect("opening a node log");
         let _ = writeln!(marker, "===== harness: starting {} =====", node.id);
-        self.processes[index] = Some(spawn_node(&node.config_path, &log));
+        self.processes[index] = Some(spawn_node_under(
+            &self.launchers[index],
+            &node.config_path,
+            &log,
+        ));
     }
 
     /// Waits until node `index` answers `/ready`; panics with the logs if it exits first or
@@ -679,6 +748,16 @@ impl TestCluster {
     /// Whether node `index` has a live process (running or paused).
     pub fn is_running(&self, index: usize) -> bool {
         self.processes[index].is_some()
+    }
+
+    /// The exit status of node `index`'s process if it has exited on its own (a crash, a
+    /// panic, an exit on error), `None` while it lives. The harness does not notice such an
+    /// exit by itself: this is how a test checks that a node stayed up.
+    pub fn exit_status(&mut self, index: usize) -> Option<ExitStatus> {
+        self.processes[index]
+            .as_mut()
+            .unwrap_or_else(|| panic!("node {index} is not running"))
+            .try_wait()
     }
 
     /// SIGKILL (kill -9) node `index` and reap it.

@@ -16,7 +16,7 @@ use crate::metrics;
 use crate::peer::{OpId, PeerMessage};
 use crate::quorum::{ReplicaProgress, Tally, Verdict};
 use crate::storage::Storage;
-use crate::version_vector::{self, CausalContext, KeyState, RequestId as CoreRequestId};
+use crate::version_vector::{self, ClientContext, KeyState, RequestId as CoreRequestId};
 use quorumkv_client::protocol::{
     ErrorKind, ErrorReply, ReadOptions, Response, SiblingValue, WriteOptions,
 };
@@ -40,27 +40,33 @@ impl NodeCore {
     ) -> Result<(), ErrorReply> {
         let (w, dw) = write_quorum(checked.n, options)?;
         let client_context = self.decode_context(checked, context)?;
+        let request_id = CoreRequestId(request_id);
         let mut state = storage
             .read(checked.keyspace, checked.key)
             .map_err(|e| self.storage_error("reading the local copy", e))?
             .unwrap_or_default();
         let before = state.clone();
         let dot = self.clock.next_dot(&state);
+        // The writes the client was shown are superseded in every copy, also copies under dots
+        // its context does not cover (a retry stored elsewhere); never the write itself.
+        let seen: Vec<CoreRequestId> = client_context
+            .writes()
+            .iter()
+            .copied()
+            .filter(|seen| *seen != request_id)
+            .collect();
+        state.supersede(&seen, now.wall_ms);
         let outcome = state
-            .update(
-                &client_context,
-                dot,
-                CoreRequestId(request_id),
-                now.wall_ms,
-                value,
-            )
+            .update(&client_context.context, dot, request_id, now.wall_ms, value)
             .map_err(|e| invalid(format!("the write cannot be applied: {e}")))?;
         self.check_key_state(&before, &state)?;
         let merged = storage
             .merge(checked.keyspace, checked.key, &state, &[])
             .map_err(|e| self.storage_error("writing the local copy", e))?;
+        // The writer knows its own write: a later write with this context supersedes every copy
+        // of it, including one a retry left at another coordinator.
         let reply_context = Context::from_bytes(version_vector::encode_token(
-            &outcome.context,
+            &ClientContext::new(outcome.context, [request_id]),
             checked.keyspace,
             checked.key,
         ));
@@ -220,10 +226,10 @@ impl NodeCore {
         &self,
         checked: &Checked<'_>,
         context: Option<&Context>,
-    ) -> Result<CausalContext, ErrorReply> {
+    ) -> Result<ClientContext, ErrorReply> {
         match context {
-            None => Ok(CausalContext::new()),
-            Some(token) if token.is_empty() => Ok(CausalContext::new()),
+            None => Ok(ClientContext::default()),
+            Some(token) if token.is_empty() => Ok(ClientContext::default()),
             Some(token) => version_vector::decode_token(
                 token.as_bytes(),
                 checked.keyspace,
@@ -336,8 +342,16 @@ impl NodeCore {
                                 timestamp_ms: sibling.timestamp_ms,
                             })
                             .collect();
+                        // The reader supersedes what it was shown: every live write, each
+                        // as one request id however many copies retries left.
+                        let shown = read
+                            .merged
+                            .live_siblings()
+                            .into_iter()
+                            .map(|sibling| sibling.request_id)
+                            .take(self.config.context_entries_max);
                         let token = version_vector::encode_token(
-                            read.merged.context(),
+                            &ClientContext::new(read.merged.context().clone(), shown),
                             &read.keyspace,
                             &read.key,
                         );

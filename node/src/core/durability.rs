@@ -62,11 +62,9 @@ impl NodeCore {
     pub(super) fn on_flush_failed(&mut self, reason: &str, out: &mut Vec<Output>) {
         tracing::error!(%reason, "storage flush failed; durable writes waiting for it fail");
         self.flush_in_flight = false;
-        // A failed flush is a failed disk (sled refuses all work after it): stop serving.
-        self.note_storage_failure(&crate::Error::Storage {
-            operation: "flush",
-            reason: reason.to_string(),
-        });
+        // A failed flush is a failed disk (sled refuses all work after it): stop serving. The
+        // reason already names the flush (the shell reports the storage error as it was).
+        self.take_out_of_service(reason.to_string());
         for waiter in std::mem::take(&mut self.durable_waiters)
             .into_values()
             .flatten()

@@ -574,12 +574,19 @@ impl NodeCore {
             error,
             crate::Error::Storage { .. } | crate::Error::StorageCorrupt { .. }
         );
-        if engine && self.out_of_service.is_none() {
-            tracing::error!(node = %self.me, %error, "storage failed; taking this node out of service");
-            metrics::in_service(false);
-            self.out_of_service = Some(error.to_string());
+        if engine {
+            self.take_out_of_service(error.to_string());
         }
         self.out_of_service.is_some()
+    }
+
+    /// Takes the node out of service for `reason` (the first reason stays).
+    fn take_out_of_service(&mut self, reason: String) {
+        if self.out_of_service.is_none() {
+            tracing::error!(node = %self.me, %reason, "storage failed; taking this node out of service");
+            metrics::in_service(false);
+            self.out_of_service = Some(reason);
+        }
     }
 
     /// The answer to any request while out of service.

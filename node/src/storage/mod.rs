@@ -223,16 +223,17 @@ pub(crate) fn corrupt_at(keyspace: &str, key: &[u8], error: Error) -> Error {
 }
 
 /// The incarnation record's stored bytes (the same in every engine).
-pub(crate) fn encode_incarnation(record: &IncarnationRecord) -> Result<Vec<u8>> {
+pub fn encode_incarnation(record: &IncarnationRecord) -> Result<Vec<u8>> {
     rmp_serde::to_vec_named(record).map_err(|e| crate::error::Error::Storage {
         operation: "write incarnation",
         reason: format!("incarnation record does not encode: {e}"),
     })
 }
 
-/// Decodes a stored incarnation record; bad bytes are corruption, never a fresh start.
-pub(crate) fn decode_incarnation(bytes: &[u8]) -> Result<IncarnationRecord> {
-    rmp_serde::from_slice(bytes).map_err(|e| crate::error::Error::StorageCorrupt {
+/// Decodes a stored incarnation record; bad bytes are corruption, never a fresh start. Public so
+/// that the fuzz targets (`node/tests/fuzz_decoders.rs`) can reach it.
+pub fn decode_incarnation(bytes: &[u8]) -> Result<IncarnationRecord> {
+    quorumkv_client::msgpack::from_slice(bytes).map_err(|e| crate::error::Error::StorageCorrupt {
         operation: "read incarnation",
         reason: format!("incarnation record does not decode: {e}"),
     })

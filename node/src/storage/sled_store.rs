@@ -73,7 +73,9 @@
 //!   what it reads and returns the result; the sequence number is taken after the commit.
 //! - Non-transactional writes inside a transaction closure deadlock on that lock; the closure
 //!   writes only through its transactional views.
-//! - After an I/O error while writing its log, sled refuses all further work until reopened.
+//! - After an I/O error while writing its log (ENOSPC, say), sled refuses all further work until
+//!   reopened: it keeps the error and returns it from every later write and flush, and from a
+//!   read that must rewrite a page (`tests/tests/cluster_disk_full.rs` fills a tmpfs to see it).
 //! - Opening a keyspace's tree creates it, so reading an unknown keyspace leaves an empty tree.
 //!   Keyspaces are a small configured set, so this is harmless.
 
@@ -446,8 +448,9 @@ impl Storage for SledStorage {
     }
 }
 
-/// Decodes one scanned entry, checking that its token is the key's.
-fn decode_entry(keyspace: &str, skey: &[u8], bytes: &[u8]) -> Result<StoredKey> {
+/// Decodes one scanned entry (storage key and stored bytes), checking that its token is the
+/// key's. Public so that the fuzz targets (`node/tests/fuzz_decoders.rs`) can reach it.
+pub fn decode_entry(keyspace: &str, skey: &[u8], bytes: &[u8]) -> Result<StoredKey> {
     let Some((token, key)) = split_storage_key(skey) else {
         return Err(Error::CorruptState {
             reason: format!(

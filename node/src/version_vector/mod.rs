@@ -18,9 +18,10 @@
 //! - **Replicas converge.** Join is commutative, associative and idempotent, so replicas that
 //!   have received the same writes, by any paths in any order, hold the same state and the same
 //!   canonical bytes ([`KeyState::encode_canonical`], [`KeyState::state_hash`]).
-//! - **A retried write is stored once.** A client reuses the [`RequestId`] of a write when it
-//!   retries it; a coordinator that still holds the write recognises it, and reads show one
-//!   sibling per request id even when two coordinators each stored a copy.
+//! - **A retried write is one write.** A client reuses the [`RequestId`] of a write when it
+//!   retries it; a coordinator that holds the write, or knows it was superseded, recognises
+//!   it; reads show one sibling per request id even when two coordinators each stored a copy;
+//!   and a write that supersedes one copy supersedes every copy, wherever they meet.
 //!
 //! # The algorithm
 //!
@@ -66,13 +67,31 @@
 //!
 //! **Retries.** If a stored sibling carries the write's request id, the write is a retry:
 //! nothing changes, no dot is used, and the writer gets `K` plus the dot(s) of the stored
-//! copies. A retry through another coordinator that has not yet received the first copy
-//! creates a second sibling with the same request id; reads ([`KeyState::live_siblings`],
-//! [`KeyState::values`]) show one of them (the lowest dot), and a write that read them
-//! replaces both. Request ids are remembered only as long as the sibling they created is
-//! stored: a retry that arrives after its write was replaced creates a new sibling, which the
-//! writer of the replacing write had not seen, so it shows up next to that write. It is never
-//! lost data, only a duplicate the client resolves.
+//! copies. A retry through another coordinator that has not received the first copy creates a
+//! second sibling with the same request id, under another dot; reads
+//! ([`KeyState::live_siblings`], [`KeyState::values`]) show one of them (the lowest dot). Dots
+//! alone cannot retire both: a reader shown one copy holds a context that covers that copy's
+//! dot only. So a write is also identified by its request id once it is superseded:
+//!
+//! - a key's state keeps its [`RETIRED_WRITES_MAX`] most recently superseded request ids
+//!   ([`KeyState::retired`]): [`KeyState::update`] retires the writes whose siblings it
+//!   replaces, and [`KeyState::join`] retires a sibling it drops because the other side has
+//!   seen its dot and no longer holds it (the first place where a copy meets its
+//!   supersession);
+//! - no sibling of a retired write survives a join or an update, so the other copy goes
+//!   wherever the superseding state reaches it, and a retry of a retired write changes
+//!   nothing;
+//! - the client token names the writes its holder was shown (a read: the live siblings' request
+//!   ids; a write: its own), and the coordinator retires them ([`KeyState::supersede`]) before
+//!   applying the write, so even a coordinator that holds only the other copy drops it.
+//!
+//! The bound is the horizon: a copy that meets the superseding state only after the key has had
+//! [`RETIRED_WRITES_MAX`] more recent supersessions comes back as a sibling (never lost data,
+//! only a duplicate the client resolves). Each retired entry costs about 28 bytes in a key
+//! written that often. Retiring by request id is monotone (a sibling dropped for it stays
+//! dropped, since its dot stays in the context), so replicas still converge; join stays
+//! commutative and idempotent, and associative except when the bound evicts a retirement
+//! before the copy it would have dropped arrives.
 //!
 //! **Deletes** are writes of a tombstone (`value: None`): a sibling like any other, so a delete
 //! replaces what its writer saw and nothing else. Reads hide tombstones;
@@ -163,6 +182,8 @@
 //!   actor that the key's state or the client's context claims.
 //! - **Invariant:** equal states have equal canonical bytes and equal hashes; decoding accepts
 //!   only canonical bytes of a valid state.
+//! - **Invariant:** no stored sibling belongs to a retired write, and a state holds at most
+//!   [`RETIRED_WRITES_MAX`] retired writes, the most recent ones.
 //!
 //! # How it fails
 //!
@@ -198,17 +219,18 @@
 //!
 //! # Encodings
 //!
-//! [`KeyState::encode_canonical`] is a format version byte ([`STATE_FORMAT_VERSION`]) then
-//! MessagePack of the normalised state; [`KeyState::state_hash`] is BLAKE3 of it, and
-//! [`KeyState::decode`] accepts only those exact bytes of a valid state.
+//! [`KeyState::encode_canonical`] is a format version byte ([`STATE_FORMAT_VERSION`], 2) then
+//! MessagePack of the normalised state `[context, siblings, retired]`; [`KeyState::state_hash`]
+//! is BLAKE3 of it, and [`KeyState::decode`] accepts only those exact bytes of a valid state
+//! (and version 1's `[context, siblings]`, written before retired writes existed).
 //!
 //! The client token ([`encode_token`], [`decode_token`]) is
 //!
 //! ```text
-//! body  = version u8 (= 1)
+//! body  = version u8 (= 2; version 1 tokens, without the writes, are still read)
 //!      || binding  8 bytes = BLAKE3("quorumkv/context-binding/v1\0" || len(keyspace) u64 LE
 //!                                   || keyspace || len(key) u64 LE || key)[..8]
-//!      || MessagePack(CausalContext)
+//!      || MessagePack([CausalContext, [RequestId, ...]])   (a ClientContext)
 //! token = body || checksum 8 bytes = BLAKE3("quorumkv/context-checksum/v1\0" || body)[..8]
 //! ```
 //!
@@ -216,8 +238,8 @@
 //! first: random damage anywhere (the version byte included) is reported as corrupt, and only
 //! an intact token of another format as an unknown version. Then the version, the binding
 //! (another key's token is refused, never applied to this key), the context (it must be
-//! normalised and canonical) and its size. [`token_to_text`] and [`token_from_text`] convert to
-//! and from base64url without padding for the CLI and JSON.
+//! normalised and canonical, the writes sorted) and its size. [`token_to_text`] and
+//! [`token_from_text`] convert to and from base64url without padding for the CLI and JSON.
 //!
 //! [`Error::CorruptState`]: crate::Error::CorruptState
 //! [`Error::ContextCorrupt`]: crate::Error::ContextCorrupt
@@ -234,8 +256,12 @@ mod token;
 
 pub use clock::{on_clean_shutdown, on_local_deletion, on_start, ActorClock, IncarnationRecord};
 pub use context::{Actor, CausalContext, Dot};
-pub use state::{KeyState, RequestId, Sibling, UpdateOutcome, STATE_FORMAT_VERSION};
-pub use token::{decode_token, encode_token, token_from_text, token_to_text, TOKEN_FORMAT_VERSION};
+pub use state::{
+    KeyState, RequestId, Retired, Sibling, UpdateOutcome, RETIRED_WRITES_MAX, STATE_FORMAT_VERSION,
+};
+pub use token::{
+    decode_token, encode_token, token_from_text, token_to_text, ClientContext, TOKEN_FORMAT_VERSION,
+};
 
 #[cfg(test)]
 mod scenarios;

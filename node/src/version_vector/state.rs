@@ -8,7 +8,15 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 /// The first byte of [`KeyState::encode_canonical`]: the format of everything after it.
-pub const STATE_FORMAT_VERSION: u8 = 1;
+/// Version 2 added the retired writes; [`KeyState::decode`] still reads version 1 (a state
+/// without them).
+pub const STATE_FORMAT_VERSION: u8 = 2;
+
+/// How many superseded writes a key remembers ([`KeyState::retired`]): the most recent ones.
+///
+/// It is part of the replicated state's meaning, so every node must use the same number; it is
+/// a constant, not a setting. Each entry costs about 28 bytes in a key written that often.
+pub const RETIRED_WRITES_MAX: usize = 8;
 
 /// Identifies one logical write. The client picks it at random (128 bits) and reuses it when it
 /// retries that write, so that a retry is recognised instead of stored twice.
@@ -63,14 +71,35 @@ impl Sibling {
     }
 }
 
+/// A write that was superseded, remembered by its request id so that a copy of it stored by
+/// another coordinator (a retry) is dropped wherever it meets this state, and a late retry of
+/// it is recognised instead of stored again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Retired {
+    /// The superseded write.
+    pub request_id: RequestId,
+    /// When it was superseded (the superseding write's coordinator clock), or, when a join
+    /// learns of it, the superseded sibling's own timestamp. Orders retirements by age: a key
+    /// keeps the [`RETIRED_WRITES_MAX`] most recent.
+    pub timestamp_ms: u64,
+}
+
+impl Retired {
+    /// Most recent first, ties broken by request id: the order in which a key keeps them.
+    fn recency(&self) -> (std::cmp::Reverse<u64>, RequestId) {
+        (std::cmp::Reverse(self.timestamp_ms), self.request_id)
+    }
+}
+
 /// What [`KeyState::update`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpdateOutcome {
     /// The context to hand back to the writer: its own context plus the dot(s) of its write.
     /// Never the whole state's context (see the module documentation).
     pub context: CausalContext,
-    /// The dot that carries the write: the new one, or for a retry the existing one.
-    pub dot: Dot,
+    /// The dot that carries the write: the new one, or for a retry the lowest stored copy's;
+    /// `None` for a retry of a write that was already superseded (nothing carries it any more).
+    pub dot: Option<Dot>,
     /// Whether the write was recognised as a retry of one already stored here (nothing changed).
     pub is_retry: bool,
 }
@@ -78,19 +107,32 @@ pub struct UpdateOutcome {
 /// Everything a replica stores for one key.
 ///
 /// Invariants, checked by [`KeyState::decode`] and kept by every operation: siblings are sorted
-/// by dot with no dot twice; every sibling's dot is in `context`; `context` is normalised.
+/// by dot with no dot twice; every sibling's dot is in `context`; `context` is normalised;
+/// retired writes are sorted by request id, at most [`RETIRED_WRITES_MAX`], and no sibling
+/// belongs to a retired write.
 #[derive(Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "StateRepr")]
 pub struct KeyState {
     context: CausalContext,
     siblings: Vec<Sibling>,
+    retired: Vec<Retired>,
 }
 
-/// The unchecked wire form of a key state.
+/// The unchecked wire form of a key state. Version 1 had no retired writes: the field is
+/// absent there and defaults to none.
 #[derive(Deserialize)]
 struct StateRepr {
     context: CausalContext,
     siblings: Vec<Sibling>,
+    #[serde(default)]
+    retired: Vec<Retired>,
+}
+
+/// The version 1 form, for [`KeyState::decode`]'s canonical check of old bytes.
+#[derive(Serialize)]
+struct StateV1<'a> {
+    context: &'a CausalContext,
+    siblings: &'a [Sibling],
 }
 
 impl TryFrom<StateRepr> for KeyState {
@@ -113,10 +155,33 @@ impl TryFrom<StateRepr> for KeyState {
                 return Err(format!("sibling {} is outside the context", sibling.dot));
             }
         }
-        Ok(KeyState {
+        if repr.retired.len() > RETIRED_WRITES_MAX {
+            return Err(format!(
+                "{} retired writes (at most {RETIRED_WRITES_MAX})",
+                repr.retired.len()
+            ));
+        }
+        for pair in repr.retired.windows(2) {
+            if pair[0].request_id >= pair[1].request_id {
+                return Err("retired writes not strictly sorted by request id".to_owned());
+            }
+        }
+        let state = KeyState {
             context: repr.context,
             siblings: repr.siblings,
-        })
+            retired: repr.retired,
+        };
+        if let Some(sibling) = state
+            .siblings
+            .iter()
+            .find(|s| state.is_retired(s.request_id))
+        {
+            return Err(format!(
+                "sibling {} belongs to a retired write",
+                sibling.dot
+            ));
+        }
+        Ok(state)
     }
 }
 
@@ -135,6 +200,62 @@ impl KeyState {
     /// All siblings, tombstones and retry duplicates included, sorted by dot.
     pub fn siblings(&self) -> &[Sibling] {
         &self.siblings
+    }
+
+    /// The most recent superseded writes, sorted by request id (see [`Retired`]).
+    pub fn retired(&self) -> &[Retired] {
+        &self.retired
+    }
+
+    fn is_retired(&self, request_id: RequestId) -> bool {
+        self.retired
+            .binary_search_by(|r| r.request_id.cmp(&request_id))
+            .is_ok()
+    }
+
+    /// Records that the writer of a write about to be applied had been shown `request_ids`
+    /// (its token names them; see [`encode_token`](super::encode_token)): those writes are
+    /// superseded, and so is every copy of them, including copies whose dots the writer's
+    /// context does not cover because a retry stored them at another coordinator. The caller
+    /// leaves out the request id of the write itself.
+    pub fn supersede(&mut self, request_ids: &[RequestId], timestamp_ms: u64) {
+        self.retire(request_ids.iter().map(|&request_id| Retired {
+            request_id,
+            timestamp_ms,
+        }));
+    }
+
+    /// Adds retirements (a request id seen twice keeps its latest time), drops every sibling of
+    /// a retired write, then keeps the [`RETIRED_WRITES_MAX`] most recent retirements. The
+    /// siblings are filtered before the bound applies, so a retirement always takes effect on
+    /// the state it is added to.
+    fn retire(&mut self, retirements: impl IntoIterator<Item = Retired>) {
+        for entry in retirements {
+            match self
+                .retired
+                .binary_search_by(|r| r.request_id.cmp(&entry.request_id))
+            {
+                Ok(at) => {
+                    let kept = &mut self.retired[at];
+                    kept.timestamp_ms = kept.timestamp_ms.max(entry.timestamp_ms);
+                }
+                Err(at) => self.retired.insert(at, entry),
+            }
+        }
+        if self.retired.is_empty() {
+            return;
+        }
+        let retired = &self.retired;
+        self.siblings.retain(|s| {
+            retired
+                .binary_search_by(|r| r.request_id.cmp(&s.request_id))
+                .is_err()
+        });
+        if self.retired.len() > RETIRED_WRITES_MAX {
+            self.retired.sort_by_key(Retired::recency);
+            self.retired.truncate(RETIRED_WRITES_MAX);
+            self.retired.sort_by_key(|r| r.request_id);
+        }
     }
 
     /// How many siblings are stored. The caller refuses a write when this reaches its configured
@@ -180,8 +301,11 @@ impl KeyState {
 
     /// Joins `other` into `self`. A sibling survives if both sides hold it, or if the side that
     /// lacks it has never seen its dot; a sibling one side lacks although it has seen its dot was
-    /// replaced there, so it is dropped. The contexts are united.
+    /// replaced there, so it is dropped, and its write is retired (so a copy of it stored by
+    /// another coordinator is dropped too, here or wherever this state goes). The contexts and
+    /// the retired writes are united, and no sibling of a retired write survives.
     pub fn join_in_place(&mut self, other: &KeyState) {
+        let mut dropped = Vec::new();
         let mut merged = Vec::with_capacity(self.siblings.len().max(other.siblings.len()));
         let mut left = std::mem::take(&mut self.siblings).into_iter().peekable();
         let mut right = other.siblings.iter().peekable();
@@ -197,6 +321,8 @@ impl KeyState {
                     if let Some(l) = left.next() {
                         if !other.context.contains(&l.dot) {
                             merged.push(l);
+                        } else {
+                            dropped.push(retirement_of(&l));
                         }
                     }
                 }
@@ -204,6 +330,8 @@ impl KeyState {
                     if let Some(r) = right.next() {
                         if !self.context.contains(&r.dot) {
                             merged.push(r.clone());
+                        } else {
+                            dropped.push(retirement_of(r));
                         }
                     }
                 }
@@ -221,6 +349,7 @@ impl KeyState {
         }
         self.siblings = merged;
         self.context.join(&other.context);
+        self.retire(dropped.into_iter().chain(other.retired.iter().copied()));
     }
 
     /// Applies a client's write at the coordinating actor `dot.actor`.
@@ -266,6 +395,15 @@ impl KeyState {
             });
         }
 
+        if self.is_retired(request_id) {
+            // Already applied here or elsewhere, and already superseded: storing it again would
+            // bring back a value its writers replaced.
+            return Ok(UpdateOutcome {
+                context: client_context.clone(),
+                dot: None,
+                is_retry: true,
+            });
+        }
         let retried: Vec<Dot> = self
             .siblings
             .iter()
@@ -279,11 +417,21 @@ impl KeyState {
             }
             return Ok(UpdateOutcome {
                 context,
-                dot: first,
+                dot: Some(first),
                 is_retry: true,
             });
         }
 
+        let replaced: Vec<Retired> = self
+            .siblings
+            .iter()
+            .filter(|s| client_context.contains(&s.dot))
+            .map(|s| Retired {
+                request_id: s.request_id,
+                timestamp_ms,
+            })
+            .collect();
+        self.retire(replaced);
         self.siblings.retain(|s| !client_context.contains(&s.dot));
         // `dot` is above every dot of its actor here, so it sorts after them; find its place.
         let at = self.siblings.partition_point(|s| s.dot < dot);
@@ -303,7 +451,7 @@ impl KeyState {
         context.insert(dot);
         Ok(UpdateOutcome {
             context,
-            dot,
+            dot: Some(dot),
             is_retry: false,
         })
     }
@@ -311,11 +459,25 @@ impl KeyState {
     /// The canonical bytes of this state: a format version byte, then MessagePack of the
     /// normalised state. Equal states give equal bytes, whatever order built them.
     pub fn encode_canonical(&self) -> Vec<u8> {
-        let mut out = vec![STATE_FORMAT_VERSION];
-        // MessagePack encoding of plain structs, integers, byte strings and ordered collections
-        // into a Vec has no failure path (the only errors are I/O errors of the writer).
-        #[allow(clippy::expect_used)]
-        rmp_serde::encode::write(&mut out, self).expect("encoding into a Vec cannot fail");
+        self.encode_version(STATE_FORMAT_VERSION)
+    }
+
+    /// The canonical bytes in format `version`; version 1 only for a state it can express (no
+    /// retired writes), which is all [`KeyState::decode`] asks of it.
+    // MessagePack encoding of plain structs, integers, byte strings and ordered collections
+    // into a Vec has no failure path (the only errors are I/O errors of the writer).
+    #[allow(clippy::expect_used)]
+    fn encode_version(&self, version: u8) -> Vec<u8> {
+        let mut out = vec![version];
+        if version == 1 && self.retired.is_empty() {
+            let v1 = StateV1 {
+                context: &self.context,
+                siblings: &self.siblings,
+            };
+            rmp_serde::encode::write(&mut out, &v1).expect("encoding into a Vec cannot fail");
+        } else if version == STATE_FORMAT_VERSION {
+            rmp_serde::encode::write(&mut out, self).expect("encoding into a Vec cannot fail");
+        }
         out
     }
 
@@ -331,17 +493,25 @@ impl KeyState {
         let (version, body) = bytes
             .split_first()
             .ok_or_else(|| corrupt("empty".to_owned()))?;
-        if *version != STATE_FORMAT_VERSION {
+        if *version != STATE_FORMAT_VERSION && *version != 1 {
             return Err(corrupt(format!("unknown format version {version}")));
         }
-        let state: KeyState =
-            rmp_serde::from_slice(body).map_err(|e| corrupt(format!("undecodable: {e}")))?;
+        // Checked MessagePack: a sibling count the bytes do not back reserves nothing.
+        let state: KeyState = quorumkv_client::msgpack::from_slice(body)
+            .map_err(|e| corrupt(format!("undecodable: {e}")))?;
         // Rejects trailing bytes and non-minimal encodings, so that bytes and states correspond
         // one to one and equal hashes keep meaning equal states.
-        if state.encode_canonical() != bytes {
+        if state.encode_version(*version) != bytes {
             return Err(corrupt("not in canonical form".to_owned()));
         }
         Ok(state)
+    }
+}
+
+fn retirement_of(sibling: &Sibling) -> Retired {
+    Retired {
+        request_id: sibling.request_id,
+        timestamp_ms: sibling.timestamp_ms,
     }
 }
 
@@ -350,6 +520,7 @@ impl fmt::Debug for KeyState {
         f.debug_struct("KeyState")
             .field("context", &self.context)
             .field("siblings", &self.siblings)
+            .field("retired", &self.retired)
             .finish()
     }
 }
@@ -415,7 +586,7 @@ mod tests {
         let before = s.clone();
         let again = put(&mut s, &ctx, dot(1, 2), 7);
         assert!(again.is_retry && !first.is_retry);
-        assert_eq!(again.dot, dot(1, 1));
+        assert_eq!(again.dot, Some(dot(1, 1)));
         assert_eq!(again.context, first.context);
         assert_eq!(s, before);
     }
@@ -441,11 +612,101 @@ mod tests {
             .update(&CausalContext::new(), dot(1, 6), rid(9), 4, Some(vec![9]))
             .unwrap();
         assert!(outcome.is_retry);
-        assert_eq!(outcome.dot, dot(1, 4));
+        assert_eq!(outcome.dot, Some(dot(1, 4)));
         assert_eq!(
             outcome.context,
             CausalContext::from_dots([dot(1, 4), dot(2, 1)])
         );
+    }
+
+    /// The retry story of hardening defect 4: a write stored by two coordinators (its first
+    /// attempt's reply was lost, the client retried elsewhere), a reader who saw one copy, and
+    /// its next write. The other copy must not survive next to that write, in any join order.
+    #[test]
+    fn superseding_one_copy_of_a_retried_write_supersedes_every_copy() {
+        let mut a = KeyState::new();
+        let mut b = KeyState::new();
+        a.update(&CausalContext::new(), dot(1, 1), rid(9), 1, Some(vec![9]))
+            .unwrap();
+        b.update(&CausalContext::new(), dot(2, 1), rid(9), 2, Some(vec![9]))
+            .unwrap();
+        // The reader saw only a's copy; its write replaces it at a.
+        let seen = a.context().clone();
+        let mut written = a.clone();
+        put(&mut written, &seen, dot(1, 2), 3);
+        assert_eq!(written.retired().len(), 1);
+        for joined in [written.join(&b), b.join(&written)] {
+            assert_eq!(joined.values(), vec![&[3u8][..]], "{joined:?}");
+            assert_eq!(joined.sibling_count(), 1);
+        }
+        // Also when the supersession reaches b's copy through a third replica that held
+        // neither copy: the join that drops a's copy retires the write.
+        let third = KeyState::new().join(&written);
+        let joined = a.join(&third).join(&b);
+        assert_eq!(joined.values(), vec![&[3u8][..]], "{joined:?}");
+    }
+
+    #[test]
+    fn a_writer_shown_a_write_supersedes_copies_its_dots_do_not_cover() {
+        // The coordinator of the next write holds only the copy the reader did not see.
+        let mut b = KeyState::new();
+        b.update(&CausalContext::new(), dot(2, 1), rid(9), 2, Some(vec![9]))
+            .unwrap();
+        let seen = CausalContext::from_dots([dot(1, 1)]);
+        let mut without_writes = b.clone();
+        put(&mut without_writes, &seen, dot(2, 2), 3);
+        assert_eq!(without_writes.values(), vec![&[9u8][..], &[3u8][..]]);
+        b.supersede(&[rid(9)], 5);
+        put(&mut b, &seen, dot(2, 2), 3);
+        assert_eq!(b.values(), vec![&[3u8][..]]);
+    }
+
+    #[test]
+    fn a_late_retry_of_a_superseded_write_changes_nothing() {
+        let mut s = KeyState::new();
+        let first = put(&mut s, &CausalContext::new(), dot(1, 1), 7);
+        put(&mut s, &first.context, dot(1, 2), 8);
+        let before = s.clone();
+        let late = s
+            .update(&CausalContext::new(), dot(1, 3), rid(7), 9, Some(vec![7]))
+            .unwrap();
+        assert!(late.is_retry);
+        assert_eq!(late.dot, None);
+        assert_eq!(s, before);
+        assert_eq!(s.values(), vec![&[8u8][..]]);
+    }
+
+    #[test]
+    fn a_key_remembers_its_most_recent_superseded_writes() {
+        let mut s = KeyState::new();
+        let mut context = CausalContext::new();
+        let count = RETIRED_WRITES_MAX as u8 + 3;
+        for n in 1..=count {
+            context = put(&mut s, &context, dot(1, u64::from(n)), n).context;
+        }
+        let kept: BTreeSet<RequestId> = s.retired().iter().map(|r| r.request_id).collect();
+        let newest: BTreeSet<RequestId> =
+            (count - RETIRED_WRITES_MAX as u8..count).map(rid).collect();
+        assert_eq!(kept, newest);
+        let decoded = KeyState::decode(&s.encode_canonical()).unwrap();
+        assert_eq!(decoded, s);
+    }
+
+    #[test]
+    fn version_1_states_still_decode() {
+        let mut s = KeyState::new();
+        put(&mut s, &CausalContext::new(), dot(1, 1), 1);
+        let mut v1 = vec![1u8];
+        rmp_serde::encode::write(&mut v1, &(s.context(), s.siblings())).unwrap();
+        assert_eq!(KeyState::decode(&v1).unwrap(), s);
+        // A version 1 body cannot carry retired writes.
+        let mut bad = vec![1u8];
+        let retired = [Retired {
+            request_id: rid(3),
+            timestamp_ms: 1,
+        }];
+        rmp_serde::encode::write(&mut bad, &(s.context(), s.siblings(), retired)).unwrap();
+        assert!(KeyState::decode(&bad).is_err());
     }
 
     #[test]
@@ -504,7 +765,7 @@ mod tests {
         let mut trailing = good.clone();
         trailing.push(0);
         let mut wrong_version = good.clone();
-        wrong_version[0] = 2;
+        wrong_version[0] = 3;
         for bytes in [
             vec![],
             trailing,
@@ -517,5 +778,18 @@ mod tests {
         for len in 0..good.len() {
             assert!(KeyState::decode(&good[..len]).is_err());
         }
+    }
+
+    /// Found by `node/tests/fuzz_alloc.rs`: a state of a few bytes whose sibling array claimed
+    /// 2^32 - 1 entries made the decoder reserve 1 MiB for them before it found none. Such a
+    /// state is now refused before anything is reserved, naming the claim.
+    #[test]
+    fn a_sibling_count_the_bytes_do_not_back_is_refused() {
+        // The state as an array of two: an empty context, then a siblings header and nothing.
+        let mut bytes = vec![STATE_FORMAT_VERSION, 0x92];
+        rmp_serde::encode::write(&mut bytes, &CausalContext::new()).unwrap();
+        bytes.extend_from_slice(&[0xdd, 0xff, 0xff, 0xff, 0xff]);
+        let err = KeyState::decode(&bytes).unwrap_err().to_string();
+        assert!(err.contains("announces 4294967295 elements"), "{err}");
     }
 }

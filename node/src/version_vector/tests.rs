@@ -124,8 +124,11 @@ struct World {
     replicas: Vec<Replica>,
     /// Every dot written, with the causal history of its write (seen ∪ {dot}).
     history: BTreeMap<Dot, BTreeSet<Dot>>,
-    /// Dots that some applied write's writer had seen: they may legitimately be gone.
+    /// Dots that some applied write's writer had seen: they may legitimately be gone, and so
+    /// may every other copy of the same logical write (same request id, stored by a retry).
     superseded: BTreeSet<Dot>,
+    /// The logical write each dot carries.
+    request_of: BTreeMap<Dot, RequestId>,
     /// Dots whose only copies were lost by a crash or a wipe: lost to durability, not by the
     /// algorithm.
     lost: BTreeSet<Dot>,
@@ -142,6 +145,7 @@ impl World {
             replicas: Vec::new(),
             history: BTreeMap::new(),
             superseded: BTreeSet::new(),
+            request_of: BTreeMap::new(),
             lost: BTreeSet::new(),
             held: Vec::new(),
             requests: Vec::new(),
@@ -333,11 +337,12 @@ impl World {
             );
             seen
         } else {
-            assert_eq!(outcome.dot, dot);
+            assert_eq!(outcome.dot, Some(dot));
             assert!(!self.history.contains_key(&dot), "dot {dot} issued twice");
             let mut history = request.held.seen.clone();
             history.insert(dot);
             self.superseded.extend(request.held.seen.iter().copied());
+            self.request_of.insert(dot, request.id);
             self.history.insert(dot, history.clone());
             history
         };
@@ -408,9 +413,15 @@ proptest! {
         prop_assert_eq!(forward.encode_canonical(), world.join_all(&backward).encode_canonical());
         world.check_no_sibling_supersedes_another(&forward);
         let stored: BTreeSet<Dot> = forward.siblings().iter().map(|s| s.dot).collect();
+        let superseded_requests: BTreeSet<RequestId> =
+            world.superseded.iter().filter_map(|d| world.request_of.get(d)).copied().collect();
         for dot in world.history.keys() {
+            let copy_superseded = superseded_requests.contains(&world.request_of[dot]);
             prop_assert!(
-                stored.contains(dot) || world.superseded.contains(dot) || world.lost.contains(dot),
+                stored.contains(dot)
+                    || world.superseded.contains(dot)
+                    || copy_superseded
+                    || world.lost.contains(dot),
                 "write {} vanished without being superseded: {:?}", dot, forward
             );
         }
