@@ -451,7 +451,7 @@ async fn workload_client(cluster: &TestCluster) -> Client {
         .connect_timeout(Duration::from_secs(1))
         .retries(2)
         .backoff(Duration::from_millis(50), Duration::from_millis(500))
-        .avoid_after_failure(Duration::from_secs(1))
+        .down_backoff(Duration::from_secs(1), Duration::from_secs(1))
         .build()
         .await
         .expect("connecting a workload client")

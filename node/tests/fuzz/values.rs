@@ -110,13 +110,18 @@ fn ring() -> impl Strategy<Value = Ring> {
 fn cluster_info() -> impl Strategy<Value = ClusterInfo> {
     let node = (".{0,8}", ".{0,24}").prop_map(|(id, address)| NodeAddress { id, address });
     let keyspace = (".{0,12}", any::<u8>()).prop_map(|(name, n)| KeyspaceInfo { name, n });
-    (ring(), vec(node, 0..4), vec(keyspace, 0..3)).prop_map(|(ring, nodes, keyspaces)| {
-        ClusterInfo {
+    (
+        ring(),
+        vec(node, 0..4),
+        vec(keyspace, 0..3),
+        proptest::option::of(any::<u64>()),
+    )
+        .prop_map(|(ring, nodes, keyspaces, request_timeout_ms)| ClusterInfo {
             ring,
             nodes,
             keyspaces,
-        }
-    })
+            request_timeout_ms,
+        })
 }
 
 fn error_reply() -> impl Strategy<Value = ErrorReply> {
