@@ -52,7 +52,6 @@
 
 use crate::cluster::NodeHost;
 use std::fs::File;
-use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Command, Stdio};
 
@@ -79,27 +78,21 @@ pub struct Tools {
 
 /// Whether the environment demands that the suite run (`CI`, or `QUORUMKV_REQUIRE_NETNS=1`).
 pub fn required() -> bool {
-    let set = |name: &str| {
-        std::env::var(name)
-            .map(|value| !value.is_empty() && value != "0" && value != "false")
-            .unwrap_or(false)
-    };
-    set("CI") || set("QUORUMKV_REQUIRE_NETNS")
+    crate::required("QUORUMKV_REQUIRE_NETNS")
 }
 
-/// The tools, or `None` after printing `SKIPPED: <test>: <reason>` (to the process's stderr,
-/// past the test harness's capture); panics instead of skipping when [`required`].
+/// The tools, or `None` after [`skip`](crate::skip) said why; panics instead of skipping when
+/// [`required`].
 pub fn tools_or_skip(test: &str) -> Option<Tools> {
     match Tools::find() {
         Ok(tools) => Some(tools),
-        Err(reason) if required() => panic!(
-            "{test} needs network namespaces and cannot have them: {reason} (CI or \
-             QUORUMKV_REQUIRE_NETNS=1 is set, so this fails instead of skipping)"
-        ),
         Err(reason) => {
-            // Straight to the process's stderr: the test harness captures `eprintln!` of passing
-            // tests, and a skip must be seen.
-            let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {reason}");
+            crate::skip(
+                test,
+                "network namespaces",
+                &reason,
+                "QUORUMKV_REQUIRE_NETNS",
+            );
             None
         }
     }

@@ -53,15 +53,6 @@ const NO_SPACE: &str = "No space left on device";
 
 // ----- privileges and the tmpfs --------------------------------------------------------------
 
-/// Whether the environment demands that these tests run (`CI`, or
-/// `QUORUMKV_REQUIRE_PRIVILEGES=1`, which `.ci/run` sets): then a missing privilege fails them.
-fn privileges_required() -> bool {
-    let set = |name: &str| {
-        std::env::var(name).is_ok_and(|value| !value.is_empty() && value != "0" && value != "false")
-    };
-    set("CI") || set("QUORUMKV_REQUIRE_PRIVILEGES")
-}
-
 /// A tmpfs of a given size, mounted on a fresh directory and unmounted on drop (also when the
 /// test panics). Declare it before the cluster, so the cluster's processes, which hold files
 /// on it open, are gone by the time it drops.
@@ -95,18 +86,12 @@ impl Tmpfs {
     }
 
     /// Mounts a tmpfs for `test`, or prints `SKIPPED: <test>: <reason>` and returns `None`;
-    /// panics instead of skipping when [`privileges_required`].
+    /// panics instead of skipping when CI requires privileged tests to run.
     fn mount_or_skip(test: &str, bytes: u64) -> Option<Tmpfs> {
         match Tmpfs::mount(bytes) {
             Ok(tmpfs) => Some(tmpfs),
-            Err(reason) if privileges_required() => panic!(
-                "{test} needs a tmpfs and cannot have one: {reason} (CI or \
-                 QUORUMKV_REQUIRE_PRIVILEGES=1 is set, so this fails instead of skipping)"
-            ),
             Err(reason) => {
-                // Straight to the process's stderr: the test harness captures `eprintln!` of
-                // passing tests, and a skip must be seen.
-                let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {reason}");
+                quorumkv_tests::skip(test, "a tmpfs", &reason, "QUORUMKV_REQUIRE_PRIVILEGES");
                 None
             }
         }
