@@ -60,8 +60,8 @@ impl NodeCore {
             .update(&client_context.context, dot, request_id, now.wall_ms, value)
             .map_err(|e| invalid(format!("the write cannot be applied: {e}")))?;
         self.check_key_state(&before, &state)?;
-        let merged = storage
-            .merge(checked.keyspace, checked.key, &state, &[])
+        let merged = self
+            .store(storage, checked.keyspace, checked.key, &state, &[])
             .map_err(|e| self.storage_error("writing the local copy", e))?;
         // The writer knows its own write: a later write with this context supersedes every copy
         // of it, including one a retry left at another coordinator.

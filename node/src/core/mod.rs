@@ -75,7 +75,7 @@ mod replica;
 use crate::metrics;
 use crate::peer::{OpId, PeerMessage};
 use crate::quorum::{ReplicaProgress, Shortfall, Tally};
-use crate::storage::{Storage, WriteSeq};
+use crate::storage::{AuxWrite, Merged, Storage, WriteSeq};
 use crate::version_vector::{ActorClock, KeyState};
 use detector::{FailureDetector, Liveness, Transition};
 use quorumkv_client::protocol::{
@@ -548,6 +548,22 @@ fn invalid(message: String) -> ErrorReply {
         kind: ErrorKind::InvalidRequest,
         message,
         quorum: None,
+    }
+}
+
+impl NodeCore {
+    /// The core's one way into [`Storage::merge`]. Every write a node makes (a client put at its
+    /// coordinator, a replica write, a hint, a repair) passes here, so whatever must follow
+    /// every change of a key's stored state follows all of them.
+    fn store(
+        &mut self,
+        storage: &dyn Storage,
+        keyspace: &str,
+        key: &[u8],
+        state: &KeyState,
+        aux: &[AuxWrite],
+    ) -> crate::Result<Merged> {
+        storage.merge(keyspace, key, state, aux)
     }
 }
 

@@ -114,7 +114,7 @@ impl NodeCore {
         } else {
             match KeyState::decode(state) {
                 Err(e) => Err(e.to_string()),
-                Ok(incoming) => match storage.merge(keyspace, key, &incoming, &[]) {
+                Ok(incoming) => match self.store(storage, keyspace, key, &incoming, &[]) {
                     Ok(merged) => Ok(merged),
                     Err(e) => Err(self.storage_error("merging a replica write", e).message),
                 },
