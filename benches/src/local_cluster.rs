@@ -177,6 +177,7 @@ impl LocalCluster {
             w: self.n(),
             dw: Some(0),
             timeout_ms: Some(1000),
+            ..WriteOptions::default()
         };
         // Enough keys that, with overwhelming probability, every node coordinates some.
         let probes = 8 * self.layout.nodes.len();

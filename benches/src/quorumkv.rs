@@ -249,11 +249,13 @@ pub async fn run(args: RunArgs, output: &Output) -> Result<Report> {
         read: ReadOptions {
             r: args.r,
             timeout_ms: args.timeout_ms,
+            ..ReadOptions::default()
         },
         write: WriteOptions {
             w: args.w,
             dw: args.dw,
             timeout_ms: args.timeout_ms,
+            ..WriteOptions::default()
         },
         value: load.value(),
         blind: args.blind,

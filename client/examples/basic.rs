@@ -54,6 +54,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let read_options = ReadOptions {
         r: Some(2),
         timeout_ms: None,
+        ..ReadOptions::default()
     };
     let read = client.get(DEFAULT_KEYSPACE, key, read_options).await?;
     for sibling in &read.siblings {

@@ -578,7 +578,7 @@ impl Client {
         let targets = self.targets_for_key(keyspace, key);
         let timeout = self.attempt_timeout(options.timeout_ms);
         match self.execute(request, targets, Kind::Write, timeout).await? {
-            Response::Written { context } => Ok(context),
+            Response::Written { context, .. } => Ok(context),
             other => Err(unexpected("Written", &other)),
         }
     }

@@ -53,5 +53,7 @@ pub use client::{Client, ClientBuilder, ClientStats, GetResult, Hedge};
 pub use context::Context;
 pub use error::{exit_code, Error, Result};
 pub use health::NodeStats;
-pub use protocol::{ReadOptions, RequestId, SiblingValue, WriteOptions, DEFAULT_KEYSPACE};
+pub use protocol::{
+    ReadOptions, ReadRepair, RequestId, SiblingValue, WriteOptions, DEFAULT_KEYSPACE,
+};
 pub use tls::TlsIdentity;

@@ -57,6 +57,28 @@ pub struct ReadOptions {
     pub r: Option<u8>,
     /// How long the coordinator waits for replicas. Default: the node's configured timeout.
     pub timeout_ms: Option<u32>,
+    /// How many of the answers must come from the key's primary owners (its preference list)
+    /// rather than fallbacks. Reads ask primary owners only, so this raises the number of
+    /// answers awaited to `max(r, pr)`. Default 0. Added after the first release, like every
+    /// field below: an older peer leaves it out and it decodes as its default.
+    #[serde(default)]
+    pub pr: Option<u8>,
+    /// Whether the reply waits for read repair (see [`ReadRepair`]). Default: background.
+    #[serde(default)]
+    pub repair: ReadRepair,
+}
+
+/// When the coordinator of a read repairs the replicas that answered with an older version
+/// (or none): the merged version is written back to them through the normal write path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReadRepair {
+    /// After the reply, off the latency path (Riak's and Cassandra's default).
+    #[default]
+    Background,
+    /// Before the reply: the read succeeds only once at least `r` replicas hold the version it
+    /// returns, so a later quorum read cannot return anything older (monotonic quorum reads,
+    /// Cassandra's blocking read repair).
+    Blocking,
 }
 
 /// Per-request write options.
@@ -69,6 +91,16 @@ pub struct WriteOptions {
     pub dw: Option<u8>,
     /// How long the coordinator waits for replicas. Default: the node's configured timeout.
     pub timeout_ms: Option<u32>,
+    /// How many of the `w` acknowledgements must come from the key's primary owners rather
+    /// than fallbacks holding a hint for them. Default 0. Added after the first release, like
+    /// the field below: an older peer leaves it out and it decodes as its default.
+    #[serde(default)]
+    pub pw: Option<u8>,
+    /// Whether a fallback's hinted acknowledgement may stand in for a primary owner that is
+    /// down (a sloppy quorum, Dynamo §4.6). Default: allowed; `Some(false)` counts primary
+    /// owners only.
+    #[serde(default)]
+    pub sloppy_quorum: Option<bool>,
 }
 
 /// A request from a client to any node.
@@ -155,7 +187,13 @@ pub enum Response {
         context: Context,
     },
     /// The write reached its quorum; the context covers exactly what it replaced plus itself.
-    Written { context: Context },
+    Written {
+        context: Context,
+        /// How many of the acknowledgements counted toward `w` came from fallbacks holding a
+        /// hint for a primary owner that was down (0 when every primary owner answered).
+        #[serde(default)]
+        hinted: u8,
+    },
     /// The answer to [`Request::ClusterInfo`].
     ClusterInfo(ClusterInfo),
     /// The request failed.
@@ -216,6 +254,8 @@ mod tests {
                 options: ReadOptions {
                     r: Some(2),
                     timeout_ms: None,
+                    pr: Some(1),
+                    repair: ReadRepair::Blocking,
                 },
             },
             Request::Put {
@@ -228,6 +268,8 @@ mod tests {
                     w: Some(3),
                     dw: Some(0),
                     timeout_ms: Some(500),
+                    pw: Some(2),
+                    sloppy_quorum: Some(false),
                 },
             },
             Request::ClusterInfo,

@@ -166,7 +166,7 @@ async fn invalid_requests_are_not_retried() {
         cluster.take_log();
         let options = ReadOptions {
             r: Some(0),
-            timeout_ms: None,
+            ..ReadOptions::default()
         };
         let error = client
             .get(DEFAULT_KEYSPACE, b"k", options)

@@ -31,8 +31,8 @@
 
 use clap::Args;
 use quorumkv_client::{
-    exit_code, render, Client, ClientBuilder, Context, Error, ReadOptions, WriteOptions,
-    DEFAULT_KEYSPACE,
+    exit_code, render, Client, ClientBuilder, Context, Error, ReadOptions, ReadRepair,
+    WriteOptions, DEFAULT_KEYSPACE,
 };
 use std::path::PathBuf;
 
@@ -70,6 +70,20 @@ pub struct ClientArgs {
     /// How many of those acknowledgements must be durable (flushed to disk; default 1).
     #[arg(long)]
     pub dw: Option<u8>,
+    /// How many of a read's answers must come from the key's primary owners (default 0).
+    #[arg(long)]
+    pub pr: Option<u8>,
+    /// How many of a write's acknowledgements must come from primary owners rather than
+    /// fallbacks holding a hint (default 0).
+    #[arg(long)]
+    pub pw: Option<u8>,
+    /// Count only primary owners toward W: no fallback stands in for an owner that is down.
+    #[arg(long)]
+    pub no_sloppy_quorum: bool,
+    /// Reply to a read only once at least R replicas hold the version it returns (blocking read
+    /// repair, for monotonic quorum reads); by default repair runs after the reply.
+    #[arg(long)]
+    pub blocking_repair: bool,
     /// How long the coordinator waits for replicas, in milliseconds (default: the node's).
     #[arg(long = "timeout-ms")]
     pub timeout_ms: Option<u32>,
@@ -86,6 +100,12 @@ impl ClientArgs {
         ReadOptions {
             r: self.r,
             timeout_ms: self.timeout_ms,
+            pr: self.pr,
+            repair: if self.blocking_repair {
+                ReadRepair::Blocking
+            } else {
+                ReadRepair::Background
+            },
         }
     }
 
@@ -94,6 +114,8 @@ impl ClientArgs {
             w: self.w,
             dw: self.dw,
             timeout_ms: self.timeout_ms,
+            pw: self.pw,
+            sloppy_quorum: self.no_sloppy_quorum.then_some(false),
         }
     }
 

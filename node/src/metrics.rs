@@ -37,6 +37,10 @@ pub const PEER_UP: &str = "quorumkv_peer_up";
 pub const PEER_TRANSITIONS_TOTAL: &str = "quorumkv_peer_transitions_total";
 /// Requests currently being coordinated or forwarded by this node.
 pub const IN_FLIGHT_REQUESTS: &str = "quorumkv_in_flight_requests";
+/// Read repairs of one replica's copy, by outcome: `sent` (the merged state went to a stale
+/// replica), `local` (this node's own stale copy was merged), `failed` (a repaired replica
+/// refused or did not take it), `skipped` (too many reads lingering; anti-entropy covers it).
+pub const READ_REPAIRS_TOTAL: &str = "quorumkv_read_repairs_total";
 
 /// Latency buckets in seconds: 100 µs to 10 s, roughly ×2.5 apart. Explicit, so histograms
 /// from different nodes and versions aggregate.
@@ -96,6 +100,10 @@ pub fn describe() {
         IN_FLIGHT_REQUESTS,
         "Requests being coordinated or forwarded by this node."
     );
+    describe_counter!(
+        READ_REPAIRS_TOTAL,
+        "Read repairs of one replica's copy, by outcome (sent, local, failed, skipped)."
+    );
 }
 
 /// One finished client request.
@@ -148,6 +156,11 @@ pub fn peer_transition(peer: &str, up: bool) {
     let direction = if up { "up" } else { "down" };
     counter!(PEER_TRANSITIONS_TOTAL, "direction" => direction).increment(1);
     gauge!(PEER_UP, "peer" => peer.to_string()).set(if up { 1.0 } else { 0.0 });
+}
+
+/// A read repair of one replica's copy (`sent`, `local`, `failed` or `skipped`).
+pub fn read_repair(outcome: &'static str) {
+    counter!(READ_REPAIRS_TOTAL, "outcome" => outcome).increment(1);
 }
 
 /// Requests in flight at this node now.

@@ -15,7 +15,7 @@
 //! The verdict is *failed* as soon as the replicas still waiting could not make up the
 //! difference, so a request fails fast when, say, two of three replicas are known to be down
 //! and W = 3, instead of waiting for its timeout. Answers that arrive after the verdict are
-//! still recorded (a later issue uses them for read repair) but never change a decided verdict.
+//! still recorded but never change a decided verdict.
 //!
 //! **Invariant:** a verdict, once `Reached` or `Failed`, never changes.
 
@@ -122,6 +122,11 @@ impl Tally {
             };
         }
         self.decide()
+    }
+
+    /// How many answers the request requires.
+    pub fn required(&self) -> u8 {
+        self.required
     }
 
     /// The verdict so far.

@@ -37,6 +37,7 @@ fn durable_put(key: &str) -> Request {
             w: Some(1),
             dw: Some(1),
             timeout_ms: None,
+            ..WriteOptions::default()
         },
     }
 }
@@ -315,6 +316,7 @@ fn a_read_answer_about_another_key_is_not_joined_into_the_read() {
         options: quorumkv_client::protocol::ReadOptions {
             r: Some(2),
             timeout_ms: None,
+            ..quorumkv_client::protocol::ReadOptions::default()
         },
     };
     core.handle(
@@ -380,6 +382,7 @@ fn put_w3(key: &str, id: u8) -> Request {
             w: Some(3),
             dw: Some(0),
             timeout_ms: None,
+            ..WriteOptions::default()
         },
     }
 }

@@ -11,7 +11,7 @@ fn context_of(
     handle: quorumkv_node::core::ClientHandle,
 ) -> quorumkv_client::Context {
     match cluster.reply(handle) {
-        Some(Response::Got { context, .. }) | Some(Response::Written { context }) => {
+        Some(Response::Got { context, .. }) | Some(Response::Written { context, .. }) => {
             context.clone()
         }
         other => panic!("no context in {other:?}"),
@@ -297,6 +297,7 @@ fn a_durable_write_stops_waiting_for_a_replica_that_died_before_its_flush() {
                 w: Some(2),
                 dw: Some(2),
                 timeout_ms: None,
+                ..quorumkv_client::protocol::WriteOptions::default()
             },
         },
     );
@@ -379,6 +380,7 @@ fn a_write_after_a_retry_elsewhere_replaces_both_copies_of_the_retried_write() {
             w: Some(1),
             dw: Some(0),
             timeout_ms: None,
+            ..WriteOptions::default()
         },
     };
     let first = cluster.request(&n1, attempt.clone());

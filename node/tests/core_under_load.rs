@@ -52,6 +52,7 @@ fn put(key: &str, timeout_ms: u32) -> Request {
             w: Some(3),
             dw: Some(0),
             timeout_ms: Some(timeout_ms),
+            ..WriteOptions::default()
         },
     }
 }

@@ -88,6 +88,7 @@ fn put(key: &str, value: &str, w: u8) -> Request {
             w: Some(w),
             dw: Some(1),
             timeout_ms: None,
+            ..WriteOptions::default()
         },
     }
 }
@@ -106,6 +107,7 @@ fn get(key: &str, r: u8) -> Request {
         options: ReadOptions {
             r: Some(r),
             timeout_ms: None,
+            ..ReadOptions::default()
         },
     }
 }

@@ -877,6 +877,7 @@ impl TestCluster {
                         w: Some(n),
                         dw: Some(0),
                         timeout_ms: None,
+                        ..quorumkv_client::WriteOptions::default()
                     };
                     loop {
                         let mut failed = None;

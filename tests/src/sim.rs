@@ -416,6 +416,7 @@ impl Sim {
                 options: ReadOptions {
                     r: Some(*r),
                     timeout_ms: None,
+                    ..ReadOptions::default()
                 },
             },
             ClientOp::Put {
@@ -434,6 +435,7 @@ impl Sim {
                     w: Some(*w),
                     dw: Some(*dw),
                     timeout_ms: None,
+                    ..WriteOptions::default()
                 },
             },
             ClientOp::Delete {
@@ -450,6 +452,7 @@ impl Sim {
                     w: Some(*w),
                     dw: Some(*dw),
                     timeout_ms: None,
+                    ..WriteOptions::default()
                 },
             },
         }

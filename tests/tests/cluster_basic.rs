@@ -34,6 +34,7 @@ async fn the_client_writes_reads_keeps_siblings_and_deletes() {
         let read_all = ReadOptions {
             r: Some(3),
             timeout_ms: None,
+            ..ReadOptions::default()
         };
 
         // A put, then a get, sees the value.
@@ -467,7 +468,8 @@ async fn concurrent_durable_writes_share_flushes() {
                     if i >= WRITES {
                         return;
                     }
-                    let options = WriteOptions { w: Some(2), dw: Some(1), timeout_ms: None };
+                    let options = WriteOptions { w: Some(2), dw: Some(1), timeout_ms: None,
+ ..WriteOptions::default() };
                     let key = format!("group-{i}");
                     if let Err(e) = client.put(DEFAULT_KEYSPACE, &key, key.clone().into_bytes(), None, options).await {
                         failures.lock().expect("failures lock").push(format!("{key}: {e}"));
@@ -516,6 +518,7 @@ async fn writes_succeed_as_soon_as_every_node_is_ready() {
         w: Some(3),
         dw: Some(1),
         timeout_ms: None,
+        ..WriteOptions::default()
     };
     within(TEST_LIMIT, async {
         let client = cluster.client().await;

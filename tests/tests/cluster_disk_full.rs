@@ -193,6 +193,7 @@ fn write(w: u8, dw: u8) -> WriteOptions {
         w: Some(w),
         dw: Some(dw),
         timeout_ms: None,
+        ..WriteOptions::default()
     }
 }
 
@@ -304,6 +305,7 @@ async fn a_node_whose_disk_fills_up_takes_itself_out_of_service() {
                 options: ReadOptions {
                     r: Some(1),
                     timeout_ms: None,
+                    ..ReadOptions::default()
                 },
             },
         ];
@@ -345,6 +347,7 @@ async fn a_node_whose_disk_fills_up_takes_itself_out_of_service() {
                     ReadOptions {
                         r: Some(2),
                         timeout_ms: None,
+                        ..ReadOptions::default()
                     },
                 )
                 .await

@@ -159,6 +159,7 @@ fn every_durable_acknowledgement_follows_an_fdatasync_of_the_log() {
             w: Some(3),
             dw: Some(3),
             timeout_ms: None,
+            ..WriteOptions::default()
         };
         let mut windows = Vec::new();
         for i in 0..WRITES {

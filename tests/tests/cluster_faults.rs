@@ -30,6 +30,7 @@ fn write(w: u8, dw: u8) -> WriteOptions {
         w: Some(w),
         dw: Some(dw),
         timeout_ms: None,
+        ..WriteOptions::default()
     }
 }
 
@@ -37,6 +38,7 @@ fn read(r: u8) -> ReadOptions {
     ReadOptions {
         r: Some(r),
         timeout_ms: None,
+        ..ReadOptions::default()
     }
 }
 

@@ -277,6 +277,7 @@ async fn oversized_input_and_forged_contexts_are_invalid_requests() {
                 ReadOptions {
                     r: Some(3),
                     timeout_ms: None,
+                    ..ReadOptions::default()
                 },
             )
             .await
@@ -471,6 +472,7 @@ async fn a_node_with_another_member_list_is_refused() {
                     w: Some(3),
                     dw: Some(1),
                     timeout_ms: None,
+                    ..WriteOptions::default()
                 },
             )
             .await
@@ -522,6 +524,7 @@ async fn blind_writes_that_would_outgrow_a_frame_are_refused_and_the_key_stays_r
                 ReadOptions {
                     r: Some(3),
                     timeout_ms: None,
+                    ..ReadOptions::default()
                 },
             )
             .await

@@ -620,6 +620,7 @@ fn read(r: u8) -> ReadOptions {
     ReadOptions {
         r: Some(r),
         timeout_ms: None,
+        ..ReadOptions::default()
     }
 }
 
@@ -628,6 +629,7 @@ fn write(w: u8, dw: u8) -> WriteOptions {
         w: Some(w),
         dw: Some(dw),
         timeout_ms: None,
+        ..WriteOptions::default()
     }
 }
 

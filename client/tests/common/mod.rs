@@ -300,6 +300,7 @@ fn answer(script: &mut Script, request: Request, info: &Mutex<Option<ClusterInfo
             });
             Response::Written {
                 context: Context::from_bytes(b"ctx".to_vec()),
+                hinted: 0,
             }
         }
         Request::Delete { key, context, .. } => {
@@ -308,6 +309,7 @@ fn answer(script: &mut Script, request: Request, info: &Mutex<Option<ClusterInfo
             }
             Response::Written {
                 context: Context::from_bytes(b"ctx".to_vec()),
+                hinted: 0,
             }
         }
     }

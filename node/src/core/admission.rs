@@ -31,12 +31,12 @@ impl NodeCore {
         if let Some(reply) = self.out_of_service_reply() {
             return self.answer(&origin, Response::Error(reply), out);
         }
-        if self.ops.len() >= self.config.in_flight_requests_max {
+        if self.in_flight() >= self.config.in_flight_requests_max {
             metrics::limit_exceeded("in_flight_requests");
             let message = format!(
                 "node {} has {} requests in flight (limit in_flight_requests_max = {})",
                 self.me,
-                self.ops.len(),
+                self.in_flight(),
                 self.config.in_flight_requests_max
             );
             return self.answer(&origin, error(ErrorKind::Overloaded, message), out);

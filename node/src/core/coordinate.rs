@@ -17,9 +17,7 @@ use crate::peer::{OpId, PeerMessage};
 use crate::quorum::{ReplicaProgress, Tally, Verdict};
 use crate::storage::Storage;
 use crate::version_vector::{self, ClientContext, KeyState, RequestId as CoreRequestId};
-use quorumkv_client::protocol::{
-    ErrorKind, ErrorReply, ReadOptions, Response, SiblingValue, WriteOptions,
-};
+use quorumkv_client::protocol::{ErrorKind, ErrorReply, ReadOptions, Response, WriteOptions};
 use quorumkv_client::Context;
 use quorumkv_ring::NodeId;
 
@@ -177,6 +175,7 @@ impl NodeCore {
         let op = self.new_op();
         let mut tally = Tally::new(checked.preference_list.iter().cloned(), r, 0);
         tally.record(&self.me, ReplicaProgress::Applied);
+        let own_hash = (!local.is_empty()).then(|| local.state_hash());
         self.fan_out(checked, &mut tally, out, || PeerMessage::Read {
             op,
             keyspace: checked.keyspace.to_string(),
@@ -191,6 +190,12 @@ impl NodeCore {
                 keyspace: checked.keyspace.to_string(),
                 key: checked.key.to_vec(),
                 merged: local,
+                answers: [(self.me.clone(), own_hash)].into(),
+                repair: options.repair,
+                replied: false,
+                final_repair: false,
+                repairing: Default::default(),
+                holders: Default::default(),
             }),
         );
         self.settle(op, out);
@@ -264,12 +269,21 @@ impl NodeCore {
             tracing::warn!(peer = %from, "replica answered a read with another key; ignored");
             return self.on_progress(op, from, ReplicaProgress::Failed, out);
         }
+        if read.answers.contains_key(from) {
+            // One answer per replica; a duplicate changes nothing.
+            return;
+        }
         let progress = match state.map(KeyState::decode).transpose() {
             Ok(Some(remote)) => {
-                read.merged = read.merged.join(&remote);
+                let hash = (!remote.is_empty()).then(|| remote.state_hash());
+                read.answers.insert(from.clone(), hash);
+                read.merged.join_in_place(&remote);
                 ReplicaProgress::Applied
             }
-            Ok(None) => ReplicaProgress::Applied,
+            Ok(None) => {
+                read.answers.insert(from.clone(), None);
+                ReplicaProgress::Applied
+            }
             Err(e) => {
                 tracing::warn!(peer = %from, error = %e, "replica sent a corrupt key state");
                 ReplicaProgress::Failed
@@ -290,7 +304,10 @@ impl NodeCore {
                 write.tally.record(from, progress);
             }
             Some(Op::Read(read)) => {
-                read.tally.record(from, progress);
+                // After its answer, a replica's progress for a read is its repair's.
+                if !Self::on_repair_progress(read, from, progress) {
+                    read.tally.record(from, progress);
+                }
             }
             Some(Op::Forward(forward))
                 if progress == ReplicaProgress::Failed && forward.to == *from =>
@@ -304,80 +321,41 @@ impl NodeCore {
 
     /// Answers `op` if its tally has decided.
     pub(super) fn settle(&mut self, op: OpId, out: &mut Vec<Output>) {
-        let verdict = match self.ops.get(&op) {
-            Some(Op::Write(write)) => write.tally.verdict(),
-            Some(Op::Read(read)) => read.tally.verdict(),
+        let write = match self.ops.get(&op) {
+            Some(Op::Write(write)) => write,
+            Some(Op::Read(_)) => return self.settle_read(op, out),
             _ => return,
         };
+        let verdict = write.tally.verdict();
         // A failed request still waits for the replicas that have not answered (never past its
         // deadline, and never for replicas known down), so its error reports every
         // acknowledgement that was actually made rather than whichever arrived first.
-        let quiet = match self.ops.get(&op) {
-            Some(Op::Write(write)) => write.tally.waiting().next().is_none(),
-            Some(Op::Read(read)) => read.tally.waiting().next().is_none(),
-            _ => true,
-        };
+        let quiet = write.tally.waiting().next().is_none();
         if verdict == Verdict::Pending || (verdict == Verdict::Failed && !quiet) {
             return;
         }
-        match self.remove_op(op) {
-            Some(Op::Write(write)) => {
-                let response = match verdict {
-                    Verdict::Reached => Response::Written {
-                        context: write.reply_context,
-                    },
-                    _ => quorum_not_reached("write", write.tally.shortfall()),
-                };
-                self.answer(&write.origin, response, out);
-            }
-            Some(Op::Read(read)) => {
-                let response = match verdict {
-                    Verdict::Reached => {
-                        let siblings = read
-                            .merged
-                            .live_siblings()
-                            .into_iter()
-                            .map(|sibling| SiblingValue {
-                                value: sibling.value.clone().unwrap_or_default(),
-                                timestamp_ms: sibling.timestamp_ms,
-                            })
-                            .collect();
-                        // The reader supersedes what it was shown: every live write, each
-                        // as one request id however many copies retries left.
-                        let shown = read
-                            .merged
-                            .live_siblings()
-                            .into_iter()
-                            .map(|sibling| sibling.request_id)
-                            .take(self.config.context_entries_max);
-                        let token = version_vector::encode_token(
-                            &ClientContext::new(read.merged.context().clone(), shown),
-                            &read.keyspace,
-                            &read.key,
-                        );
-                        Response::Got {
-                            siblings,
-                            context: Context::from_bytes(token),
-                        }
-                    }
-                    _ => quorum_not_reached("read", read.tally.shortfall()),
-                };
-                self.answer(&read.origin, response, out);
-            }
-            _ => {}
+        if let Some(Op::Write(write)) = self.remove_op(op) {
+            let response = match verdict {
+                Verdict::Reached => Response::Written {
+                    context: write.reply_context,
+                    hinted: 0,
+                },
+                _ => quorum_not_reached("write", write.tally.shortfall()),
+            };
+            self.answer(&write.origin, response, out);
         }
     }
 
     pub(super) fn expire(&mut self, op: OpId, out: &mut Vec<Output>) {
+        if let Some(Op::Read(_)) = self.ops.get(&op) {
+            return self.expire_read(op, out);
+        }
         match self.remove_op(op) {
             Some(Op::Write(write)) => {
                 let reply = quorum_not_reached("write", write.tally.shortfall());
                 self.answer(&write.origin, reply, out);
             }
-            Some(Op::Read(read)) => {
-                let reply = quorum_not_reached("read", read.tally.shortfall());
-                self.answer(&read.origin, reply, out);
-            }
+            Some(Op::Read(_)) => unreachable!("reads expire in expire_read"),
             Some(Op::Forward(forward)) => {
                 let message = format!("coordinator {} did not answer in time", forward.to);
                 out.push(Output::Reply {

@@ -164,7 +164,7 @@ impl Driver {
             options: WriteOptions {
                 w: Some(w),
                 dw: Some(1),
-                timeout_ms: None,
+                ..WriteOptions::default()
             },
         };
         self.request(node, request)
@@ -177,8 +177,18 @@ impl Driver {
             key: key.as_bytes().to_vec(),
             options: ReadOptions {
                 r: Some(r),
-                timeout_ms: None,
+                ..ReadOptions::default()
             },
+        };
+        self.request(node, request)
+    }
+
+    /// A get with the given options, sent to `node`.
+    pub fn get_with(&mut self, node: &NodeId, key: &str, options: ReadOptions) -> ClientHandle {
+        let request = Request::Get {
+            keyspace: KEYSPACE.into(),
+            key: key.as_bytes().to_vec(),
+            options,
         };
         self.request(node, request)
     }

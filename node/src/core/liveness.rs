@@ -45,7 +45,7 @@ impl NodeCore {
             .iter()
             .filter(|(_, op)| match op {
                 Op::Write(w) => w.tally.waiting().any(|n| n == node),
-                Op::Read(r) => r.tally.waiting().any(|n| n == node),
+                Op::Read(r) => r.tally.waiting().any(|n| n == node) || r.repairing.contains(node),
                 Op::Forward(f) => f.to == *node,
             })
             .map(|(op, _)| *op)

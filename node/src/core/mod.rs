@@ -35,8 +35,9 @@
 //!
 //! The coordinator reads its own copy and asks the other replicas for theirs. Each answer
 //! (including "I have none") counts toward R and is joined into one state; once R answered, the
-//! reply carries that state's live siblings and its context. Answers after the reply are
-//! dropped (read repair, which will use them, comes with the repair work).
+//! reply carries that state's live siblings and its context. The read then repairs the replicas
+//! it found behind (`read_repair`), after the reply unless the request asks for blocking
+//! repair.
 //!
 //! # Durability and group commit
 //!
@@ -59,6 +60,7 @@
 //! | `coordinate` | puts and gets at their coordinator: fan-out, tallies, answers, deadlines |
 //! | `replica` | what a node does with peer messages: merge replicas, serve reads, pongs |
 //! | `durability` | flush waiters and group commit |
+//! | `read_repair` | a read's reply and the repair of replicas it found behind |
 //! | `liveness` | ticks: pings, peers found down, expired requests |
 //! | [`detector`] | the failure detector itself |
 //! | [`driver`] | a deterministic multi-core test driver, for scenarios that read as stories |
@@ -70,6 +72,7 @@ pub mod driver;
 mod durability;
 mod forward;
 mod liveness;
+mod read_repair;
 mod replica;
 
 use crate::metrics;
@@ -80,7 +83,7 @@ use crate::version_vector::{ActorClock, KeyState};
 use detector::{FailureDetector, Liveness, Transition};
 use quorumkv_client::protocol::{
     ClusterInfo, ErrorKind, ErrorReply, KeyspaceInfo, NodeAddress, QuorumShortfall, ReadOptions,
-    Request, Response, WriteOptions,
+    ReadRepair, Request, Response, WriteOptions,
 };
 use quorumkv_client::Context;
 use quorumkv_ring::{NodeId, Ring};
@@ -246,6 +249,18 @@ struct ReadOp {
     keyspace: String,
     key: Vec<u8>,
     merged: KeyState,
+    /// The state hash each replica answered with (`None`: no copy), this node's own included;
+    /// read repair compares them with the merged state's.
+    answers: BTreeMap<NodeId, Option<[u8; 32]>>,
+    repair: ReadRepair,
+    /// The client has its reply; the read lingers for late answers and repairs.
+    replied: bool,
+    /// Every replica has answered or failed, and the stale ones among them were repaired.
+    final_repair: bool,
+    /// Replicas sent the merged state that have not acknowledged it yet.
+    repairing: BTreeSet<NodeId>,
+    /// Replicas known to hold the merged state: they answered with it or acknowledged it.
+    holders: BTreeSet<NodeId>,
 }
 
 #[derive(Debug)]
@@ -316,6 +331,11 @@ pub struct NodeCore {
     next_op: u64,
     durable_waiters: BTreeMap<WriteSeq, Vec<DurableWaiter>>,
     flush_in_flight: bool,
+    /// Answered ops kept for late answers, repairs or hints; they do not count toward
+    /// `in_flight_requests_max` (see [`read_repair`]).
+    lingering: BTreeSet<OpId>,
+    /// This node's stale copies found by reads, merged at the end of the current input.
+    local_repairs: Vec<(String, Vec<u8>, KeyState)>,
 }
 
 impl NodeCore {
@@ -352,6 +372,8 @@ impl NodeCore {
             next_op: 1,
             durable_waiters: BTreeMap::new(),
             flush_in_flight: false,
+            lingering: BTreeSet::new(),
+            local_repairs: Vec::new(),
         }
     }
 
@@ -374,9 +396,10 @@ impl NodeCore {
         self.out_of_service.is_none()
     }
 
-    /// Requests being coordinated or forwarded now.
+    /// Requests being coordinated or forwarded now, not counting answered ones that linger
+    /// for late answers or repairs.
     pub fn in_flight(&self) -> usize {
-        self.ops.len()
+        self.ops.len() - self.lingering.len()
     }
 
     /// The liveness the failure detector believes for each peer.
@@ -419,6 +442,9 @@ impl NodeCore {
             }
             Input::Tick => self.on_tick(now, out),
         }
+        if !self.local_repairs.is_empty() {
+            self.apply_local_repairs(storage);
+        }
     }
 
     fn answer(&self, origin: &Origin, response: Response, out: &mut Vec<Output>) {
@@ -442,6 +468,7 @@ impl NodeCore {
     fn remove_op(&mut self, id: OpId) -> Option<Op> {
         let op = self.ops.remove(&id)?;
         self.deadlines.remove(&(op.deadline_ms(), id));
+        self.lingering.remove(&id);
         Some(op)
     }
 

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use proptest::sample::select;
 use quorumkv_client::protocol::{
     ClusterInfo, ErrorKind, ErrorReply, KeyspaceInfo, NodeAddress, QuorumShortfall, ReadOptions,
-    Request, Response, SiblingValue, WriteOptions,
+    ReadRepair, Request, Response, SiblingValue, WriteOptions,
 };
 use quorumkv_client::{Context, RequestId as ClientRequestId};
 use quorumkv_node::peer::{Hello, OpId, PeerMessage};
@@ -31,8 +31,22 @@ fn opaque_context() -> impl Strategy<Value = Context> {
 }
 
 fn read_options() -> impl Strategy<Value = ReadOptions> {
-    (any::<Option<u8>>(), any::<Option<u32>>())
-        .prop_map(|(r, timeout_ms)| ReadOptions { r, timeout_ms })
+    (
+        any::<Option<u8>>(),
+        any::<Option<u32>>(),
+        any::<Option<u8>>(),
+        any::<bool>(),
+    )
+        .prop_map(|(r, timeout_ms, pr, blocking)| ReadOptions {
+            r,
+            timeout_ms,
+            pr,
+            repair: if blocking {
+                ReadRepair::Blocking
+            } else {
+                ReadRepair::Background
+            },
+        })
 }
 
 fn write_options() -> impl Strategy<Value = WriteOptions> {
@@ -40,8 +54,16 @@ fn write_options() -> impl Strategy<Value = WriteOptions> {
         any::<Option<u8>>(),
         any::<Option<u8>>(),
         any::<Option<u32>>(),
+        any::<Option<u8>>(),
+        any::<Option<bool>>(),
     )
-        .prop_map(|(w, dw, timeout_ms)| WriteOptions { w, dw, timeout_ms })
+        .prop_map(|(w, dw, timeout_ms, pw, sloppy_quorum)| WriteOptions {
+            w,
+            dw,
+            timeout_ms,
+            pw,
+            sloppy_quorum,
+        })
 }
 
 pub fn request() -> impl Strategy<Value = Request> {
@@ -155,7 +177,8 @@ pub fn response() -> impl Strategy<Value = Response> {
     prop_oneof![
         (vec(sibling, 0..4), opaque_context())
             .prop_map(|(siblings, context)| Response::Got { siblings, context }),
-        opaque_context().prop_map(|context| Response::Written { context }),
+        (opaque_context(), any::<u8>())
+            .prop_map(|(context, hinted)| Response::Written { context, hinted }),
         cluster_info().prop_map(Response::ClusterInfo),
         error_reply().prop_map(Response::Error),
     ]
