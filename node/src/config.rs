@@ -106,6 +106,9 @@ pub struct Config {
     /// Size and count limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Background Merkle-tree exchanges between replicas.
+    #[serde(default)]
+    pub anti_entropy: AntiEntropy,
     /// Certificate and key files. Required.
     pub tls: TlsConfig,
     /// The static member list, this node included. Required.
@@ -211,6 +214,44 @@ impl Default for Limits {
             siblings_per_key_warn: 25,
             inbox_bytes_max: 64 * 1024 * 1024,
             peer_queue_bytes_max: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// Anti-entropy: replicas compare Merkle trees in the background and exchange the keys on which
+/// they differ (see `quorumkv_node::core::anti_entropy`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AntiEntropy {
+    /// Whether this node starts and serves exchanges. Trees are kept either way, so
+    /// `/sync-status` still shows whether replicas agree. Default true.
+    pub enabled: bool,
+    /// How often new exchanges start, in ms, with ±25% jitter. Each exchange covers one range
+    /// with one other replica, so a node cycles through its ranges in about
+    /// `ranges / exchanges_max * interval_ms`. Default 500.
+    pub interval_ms: u64,
+    /// Exchanges this node runs at once. Default 2.
+    pub exchanges_max: usize,
+    /// An exchange whose peer has not answered for this long (ms) is dropped. Default 10000.
+    pub exchange_timeout_ms: u64,
+    /// Throttle: keys sent and received per second over all of this node's exchanges, so
+    /// repair traffic does not crowd out clients. Default 10000.
+    pub keys_per_second_max: u64,
+    /// Keys scanned per 10 ms tick while Merkle trees are built from storage (at start); whole
+    /// ranges only. Default 20000.
+    pub build_keys_per_tick_max: u64,
+}
+
+impl Default for AntiEntropy {
+    fn default() -> AntiEntropy {
+        let core = crate::core::AntiEntropyConfig::default();
+        AntiEntropy {
+            enabled: core.enabled,
+            interval_ms: core.interval_ms,
+            exchanges_max: core.exchanges_max,
+            exchange_timeout_ms: core.exchange_timeout_ms,
+            keys_per_second_max: core.keys_per_second_max,
+            build_keys_per_tick_max: core.build_keys_per_tick_max,
         }
     }
 }
@@ -365,6 +406,36 @@ pub struct ConfigOverrides {
         value_name = "BYTES"
     )]
     pub limits_peer_queue_bytes_max: Option<usize>,
+    /// `anti_entropy.enabled`.
+    #[arg(long, env = "QUORUMKV_ANTI_ENTROPY_ENABLED", value_name = "BOOL")]
+    pub anti_entropy_enabled: Option<bool>,
+    /// `anti_entropy.interval_ms`.
+    #[arg(long, env = "QUORUMKV_ANTI_ENTROPY_INTERVAL_MS", value_name = "MS")]
+    pub anti_entropy_interval_ms: Option<u64>,
+    /// `anti_entropy.exchanges_max`.
+    #[arg(long, env = "QUORUMKV_ANTI_ENTROPY_EXCHANGES_MAX", value_name = "N")]
+    pub anti_entropy_exchanges_max: Option<usize>,
+    /// `anti_entropy.exchange_timeout_ms`.
+    #[arg(
+        long,
+        env = "QUORUMKV_ANTI_ENTROPY_EXCHANGE_TIMEOUT_MS",
+        value_name = "MS"
+    )]
+    pub anti_entropy_exchange_timeout_ms: Option<u64>,
+    /// `anti_entropy.keys_per_second_max`.
+    #[arg(
+        long,
+        env = "QUORUMKV_ANTI_ENTROPY_KEYS_PER_SECOND_MAX",
+        value_name = "N"
+    )]
+    pub anti_entropy_keys_per_second_max: Option<u64>,
+    /// `anti_entropy.build_keys_per_tick_max`.
+    #[arg(
+        long,
+        env = "QUORUMKV_ANTI_ENTROPY_BUILD_KEYS_PER_TICK_MAX",
+        value_name = "N"
+    )]
+    pub anti_entropy_build_keys_per_tick_max: Option<u64>,
     /// The cluster CA certificate (`tls.ca_cert`).
     #[arg(long, env = "QUORUMKV_TLS_CA_CERT", value_name = "FILE")]
     pub tls_ca_cert: Option<PathBuf>,
@@ -432,6 +503,24 @@ impl ConfigOverrides {
         set.field(
             "limits.peer_queue_bytes_max",
             &self.limits_peer_queue_bytes_max,
+        )?;
+        set.field("anti_entropy.enabled", &self.anti_entropy_enabled)?;
+        set.field("anti_entropy.interval_ms", &self.anti_entropy_interval_ms)?;
+        set.field(
+            "anti_entropy.exchanges_max",
+            &self.anti_entropy_exchanges_max,
+        )?;
+        set.field(
+            "anti_entropy.exchange_timeout_ms",
+            &self.anti_entropy_exchange_timeout_ms,
+        )?;
+        set.field(
+            "anti_entropy.keys_per_second_max",
+            &self.anti_entropy_keys_per_second_max,
+        )?;
+        set.field(
+            "anti_entropy.build_keys_per_tick_max",
+            &self.anti_entropy_build_keys_per_tick_max,
         )?;
         set.field("tls.ca_cert", &self.tls_ca_cert)?;
         set.field("tls.cert", &self.tls_cert)?;
@@ -710,6 +799,7 @@ impl Config {
         self.validate_keyspaces()?;
         self.validate_timeouts()?;
         self.validate_limits()?;
+        self.validate_anti_entropy()?;
         self.validate_paths()
     }
 
@@ -946,6 +1036,25 @@ impl Config {
                     l.inbox_bytes_max, l.frame_bytes_max
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_anti_entropy(&self) -> Result<()> {
+        let a = &self.anti_entropy;
+        for (field, value) in [
+            ("anti_entropy.interval_ms", a.interval_ms),
+            ("anti_entropy.exchanges_max", a.exchanges_max as u64),
+            ("anti_entropy.exchange_timeout_ms", a.exchange_timeout_ms),
+            ("anti_entropy.keys_per_second_max", a.keys_per_second_max),
+            (
+                "anti_entropy.build_keys_per_tick_max",
+                a.build_keys_per_tick_max,
+            ),
+        ] {
+            if value == 0 {
+                return Err(config_error(field, "must be at least 1"));
+            }
         }
         Ok(())
     }

@@ -60,10 +60,12 @@
 //! | `replica` | what a node does with peer messages: merge replicas, serve reads, pongs |
 //! | `durability` | flush waiters and group commit |
 //! | `liveness` | ticks: pings, peers found down, expired requests |
+//! | [`anti_entropy`] | Merkle trees kept with every write, built at start; background exchanges between replicas |
 //! | [`detector`] | the failure detector itself |
 //! | [`driver`] | a deterministic multi-core test driver, for scenarios that read as stories |
 
 mod admission;
+pub mod anti_entropy;
 mod coordinate;
 pub mod detector;
 pub mod driver;
@@ -77,6 +79,8 @@ use crate::peer::{OpId, PeerMessage};
 use crate::quorum::{ReplicaProgress, Shortfall, Tally};
 use crate::storage::{AuxWrite, Merged, Storage, WriteSeq};
 use crate::version_vector::{ActorClock, KeyState};
+use anti_entropy::AntiEntropy;
+pub use anti_entropy::{AntiEntropyConfig, KeyspaceSync, SyncStatus};
 use detector::{FailureDetector, Liveness, Transition};
 use quorumkv_client::protocol::{
     ClusterInfo, ErrorKind, ErrorReply, KeyspaceInfo, NodeAddress, QuorumShortfall, ReadOptions,
@@ -136,6 +140,8 @@ pub struct CoreConfig {
     /// The largest encoded key state a write may leave: what one replication frame can carry
     /// besides the key and the envelope. Derived from `limits.frame_bytes_max`.
     pub key_state_bytes_max: usize,
+    /// Background Merkle-tree exchanges between replicas (`[anti_entropy]`).
+    pub anti_entropy: AntiEntropyConfig,
 }
 
 impl Default for CoreConfig {
@@ -151,6 +157,7 @@ impl Default for CoreConfig {
             siblings_per_key_max: 100,
             siblings_per_key_warn: 25,
             key_state_bytes_max: 1024 * 1024 + 64 * 1024 - 1024 - 4096,
+            anti_entropy: AntiEntropyConfig::default(),
         }
     }
 }
@@ -316,6 +323,8 @@ pub struct NodeCore {
     next_op: u64,
     durable_waiters: BTreeMap<WriteSeq, Vec<DurableWaiter>>,
     flush_in_flight: bool,
+    /// The Merkle trees and the exchanges of anti-entropy.
+    anti_entropy: AntiEntropy,
 }
 
 impl NodeCore {
@@ -338,6 +347,13 @@ impl NodeCore {
             config.ping_interval_ms,
             config.peer_down_after_ms,
         );
+        let anti_entropy = AntiEntropy::new(
+            config.anti_entropy.clone(),
+            map.ring.range_count(),
+            map.keyspaces.keys().cloned(),
+            instance,
+            now.monotonic_ms,
+        );
         NodeCore {
             me,
             map,
@@ -352,6 +368,7 @@ impl NodeCore {
             next_op: 1,
             durable_waiters: BTreeMap::new(),
             flush_in_flight: false,
+            anti_entropy,
         }
     }
 
@@ -387,7 +404,10 @@ impl NodeCore {
     /// When the core next needs an [`Input::Tick`] (monotonic ms), if ever.
     pub fn next_deadline_ms(&self) -> Option<u64> {
         let op = self.deadlines.first().map(|(deadline, _)| *deadline);
-        op.into_iter().chain(self.detector.next_deadline_ms()).min()
+        op.into_iter()
+            .chain(self.detector.next_deadline_ms())
+            .chain(self.anti_entropy.next_deadline_ms())
+            .min()
     }
 
     /// Handles one input, appending what the shell must do to `out`.
@@ -406,7 +426,11 @@ impl NodeCore {
             Input::FlushFailed { reason } => self.on_flush_failed(&reason, out),
             Input::SendFailed { to, ops } => {
                 for op in ops {
-                    self.on_progress(op, &to, ReplicaProgress::Failed, out);
+                    if self.ae_owns(op) {
+                        self.ae_failed(op, &to, now);
+                    } else {
+                        self.on_progress(op, &to, ReplicaProgress::Failed, out);
+                    }
                 }
             }
             Input::PeerCongested { node, congested } => {
@@ -417,7 +441,10 @@ impl NodeCore {
                     self.congested.remove(&node);
                 }
             }
-            Input::Tick => self.on_tick(now, out),
+            Input::Tick => {
+                self.on_tick(now, out);
+                self.ae_tick(now, storage, out);
+            }
         }
     }
 
@@ -563,7 +590,11 @@ impl NodeCore {
         state: &KeyState,
         aux: &[AuxWrite],
     ) -> crate::Result<Merged> {
-        storage.merge(keyspace, key, state, aux)
+        let merged = storage.merge(keyspace, key, state, aux)?;
+        if merged.changed {
+            self.ae_on_stored(keyspace, key, merged.old_hash.as_ref(), &merged.new_hash);
+        }
+        Ok(merged)
     }
 }
 

@@ -86,6 +86,14 @@ pub fn core_config(config: &Config) -> CoreConfig {
         key_state_bytes_max: (config.limits.frame_bytes_max as usize)
             .saturating_sub(config.limits.key_bytes_max)
             .saturating_sub(crate::config::FRAME_ENVELOPE_BYTES as usize),
+        anti_entropy: crate::core::AntiEntropyConfig {
+            enabled: config.anti_entropy.enabled,
+            interval_ms: config.anti_entropy.interval_ms,
+            exchanges_max: config.anti_entropy.exchanges_max,
+            exchange_timeout_ms: config.anti_entropy.exchange_timeout_ms,
+            keys_per_second_max: config.anti_entropy.keys_per_second_max,
+            build_keys_per_tick_max: config.anti_entropy.build_keys_per_tick_max,
+        },
     }
 }
 
