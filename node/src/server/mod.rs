@@ -188,6 +188,7 @@ pub async fn run(
         config.admin_listen,
         vec![ready.clone(), running.in_service.clone()],
         prometheus,
+        running.sync_status.clone(),
     )
     .await?;
     let listener = tokio::spawn(listener::accept(
