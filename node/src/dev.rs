@@ -279,6 +279,23 @@ pub fn scrape_metrics(admin: SocketAddr) -> Result<String> {
         })
 }
 
+/// The body of `http://{admin}{path}` on a node's admin server (for example `/sync-status`),
+/// failing on any status but 200.
+pub fn admin_get(admin: SocketAddr, path: &str) -> Result<String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(2)))
+        .build()
+        .into();
+    agent
+        .get(format!("http://{admin}{path}"))
+        .call()
+        .and_then(|mut response| response.body_mut().read_to_string())
+        .map_err(|e| Error::Config {
+            field: "admin_listen".into(),
+            reason: format!("reading http://{admin}{path}: {e}"),
+        })
+}
+
 /// Arguments of `quorumkv dev`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct DevArgs {
