@@ -1227,6 +1227,7 @@ impl NodeCore {
     }
 
     /// The answer to one of this node's pushes: merge what the peer had, then push on.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn on_ae_push_reply(
         &mut self,
         now: Now,
