@@ -278,3 +278,94 @@ fn an_exchange_costs_what_the_difference_costs_not_what_the_data_costs() {
     assert!(ten.bytes - same.bytes < 10 * 4_000, "{ten:?}");
     assert!(thousand.bytes - same.bytes < 1000 * 1_000, "{thousand:?}");
 }
+
+#[test]
+fn exchanges_are_limited_and_one_with_a_silent_peer_times_out() {
+    let mut cluster = Driver::new(
+        3,
+        3,
+        config(AntiEntropyConfig {
+            exchanges_max: 2,
+            exchange_timeout_ms: 3_000,
+            ..AntiEntropyConfig::default()
+        }),
+    );
+    let [n1, n2, n3] = cluster.ids();
+    cluster.advance(10);
+    let in_flight = |cluster: &Driver| cluster.core(&n1).expect("running").exchanges_in_flight();
+
+    // n2 and n3 hear n1, but their answers never come back.
+    cluster.cut_one_way(&n2, &n1);
+    cluster.cut_one_way(&n3, &n1);
+    cluster.advance(700);
+    assert_eq!(
+        in_flight(&cluster),
+        2,
+        "the first interval starts as many as allowed"
+    );
+    for _ in 0..10 {
+        cluster.advance(200);
+        assert_eq!(in_flight(&cluster), 2, "and no more while they wait");
+    }
+    // Past the timeout the stalled exchanges are dropped; by then the failure detector counts
+    // n2 and n3 down, so no new exchange starts.
+    cluster.advance(1_500);
+    assert_eq!(in_flight(&cluster), 0);
+
+    cluster.heal();
+    run_for(&mut cluster, 10);
+    let digest = cluster.sync_status(&n1).digest;
+    assert_eq!(cluster.sync_status(&n2).digest, digest);
+    assert_eq!(cluster.sync_status(&n3).digest, digest);
+}
+
+#[test]
+fn the_throttle_paces_a_large_repair() {
+    let mut cluster = Driver::new(
+        2,
+        2,
+        config(AntiEntropyConfig {
+            interval_ms: 1 << 40,
+            keys_per_second_max: 100,
+            ..AntiEntropyConfig::default()
+        }),
+    );
+    let [n1, n2] = cluster.ids();
+    cluster.advance(10);
+    cluster.cut(&n1, &n2);
+    for i in 0..400 {
+        let put = cluster.put(&n1, &format!("k{i}"), "v", 1);
+        cluster.settle();
+        assert!(cluster.written(put));
+    }
+    cluster.heal();
+    let held = |cluster: &Driver| {
+        cluster
+            .sync_status(&n2)
+            .keyspaces
+            .get(KEYSPACE)
+            .map_or(0, |k| k.keys)
+    };
+    let ranges = cluster
+        .core(&n1)
+        .expect("running")
+        .merkle_geometry()
+        .range_count();
+    for range in 0..ranges {
+        assert!(cluster.exchange(&n1, range, &n2));
+    }
+    cluster.settle();
+    // One second's worth of budget (100 keys, give or take the last push) goes at once ...
+    let first = held(&cluster);
+    assert!((1..200).contains(&first), "{first}");
+    // ... the rest at about 100 keys a second.
+    cluster.advance(1_000);
+    let second = held(&cluster);
+    assert!(second > first && second < 400, "{first} then {second}");
+    run_for(&mut cluster, 5);
+    assert_eq!(held(&cluster), 400);
+    assert_eq!(
+        cluster.sync_status(&n1).digest,
+        cluster.sync_status(&n2).digest
+    );
+}
