@@ -6,7 +6,7 @@
 use quorumkv_client::protocol::{ReadOptions, WriteOptions};
 use quorumkv_client::{Client, DEFAULT_KEYSPACE};
 use quorumkv_node::config::Config;
-use quorumkv_tests::cluster::{wait_until, within, ClusterOptions, TestCluster};
+use quorumkv_tests::cluster::{run_cli, wait_until, within, ClusterOptions, TestCluster};
 use std::time::Duration;
 
 const TEST_LIMIT: Duration = Duration::from_secs(240);
@@ -169,6 +169,23 @@ async fn a_wiped_node_gets_every_key_back_from_anti_entropy_and_later_writes_sur
                 .expect("a new key after the return");
         }
         tokio::task::block_in_place(|| wait_converged(&cluster, (KEYS + REWRITTEN) as u64));
+        // The operator's view of the same: `quorumkv admin sync-status`.
+        let admin: Vec<String> = (0..cluster.len())
+            .map(|i| cluster.local().nodes[i].admin().to_string())
+            .collect();
+        let output = tokio::task::block_in_place(|| {
+            run_cli(
+                cluster
+                    .cli()
+                    .args(["admin", "sync-status", "--json", "--admin"])
+                    .arg(admin.join(",")),
+                Duration::from_secs(30),
+            )
+        });
+        assert_eq!(output.code, Some(0), "{}", output.stderr);
+        let report = output.stdout_json();
+        assert_eq!(report["digests_equal"], true, "{report}");
+        assert_eq!(report["nodes"].as_array().map(Vec::len), Some(3));
 
         for i in 0..KEYS {
             let got = client
