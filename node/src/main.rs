@@ -12,6 +12,8 @@
 //! - `quorumkv dev [--nodes 3] [--dir DIR]`: run a local cluster on loopback.
 //! - `quorumkv put KEY VALUE`, `get KEY`, `delete KEY`: talk to a cluster (see
 //!   `quorumkv_node::cli_client` for flags, output formats and exit codes).
+//! - `quorumkv admin sync-status --admin ADDR,... [--json]`: each node's digest of every
+//!   range's Merkle root (its admin server's `/sync-status`), and whether the digests agree.
 //!
 //! Exit status: 0 on success; 2 for usage errors and invalid input (bad flags, a bad or
 //! missing config, an invalid name, certificate files that are missing or do not fit the
@@ -72,6 +74,29 @@ enum Command {
         key: String,
         #[command(flatten)]
         args: Box<ClientArgs>,
+    },
+    /// Ask nodes' admin servers about their state.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Each node's Merkle roots (a digest of every range's root), so a script can tell when
+    /// replicas have converged: with every node holding every range (N = nodes), equal digests.
+    SyncStatus {
+        /// Admin addresses (`admin_listen`) of the nodes to ask, comma-separated.
+        #[arg(
+            long,
+            env = "QUORUMKV_ADMIN",
+            value_delimiter = ',',
+            required = true,
+            value_name = "HOST:PORT"
+        )]
+        admin: Vec<std::net::SocketAddr>,
+        /// Print one JSON object instead of a line per node.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -173,6 +198,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Certs(command) => run_certs(command),
         Command::Config(command) => run_config(command),
         Command::Start { config } => run_start(&config),
+        Command::Admin(command) => run_admin(command),
         Command::Dev(_) | Command::Put { .. } | Command::Get { .. } | Command::Delete { .. } => {
             anyhow::bail!("handled before run")
         }
@@ -259,6 +285,63 @@ fn run_certs(command: CertsCommand) -> anyhow::Result<()> {
     };
     println!("{}", paths.cert.display());
     println!("{}", paths.key.display());
+    Ok(())
+}
+
+/// `quorumkv admin sync-status`: fails (exit 1) if a node did not answer, after printing what
+/// the others said.
+fn run_admin(command: AdminCommand) -> anyhow::Result<()> {
+    let AdminCommand::SyncStatus { admin, json } = command;
+    let mut nodes = Vec::new();
+    let mut unreachable = 0;
+    for address in &admin {
+        let status = quorumkv_node::dev::admin_get(*address, "/sync-status")
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                serde_json::from_str::<serde_json::Value>(&text).map_err(|e| e.to_string())
+            });
+        match status {
+            Ok(status) => nodes.push(status),
+            Err(error) => {
+                unreachable += 1;
+                nodes.push(serde_json::json!({ "admin": address.to_string(), "error": error }));
+            }
+        }
+    }
+    let digests: std::collections::BTreeSet<String> = nodes
+        .iter()
+        .map(|n| n.get("digest").map_or_else(String::new, |d| d.to_string()))
+        .collect();
+    let built = nodes
+        .iter()
+        .all(|n| n.get("trees_built") == Some(&serde_json::Value::Bool(true)));
+    let agree = unreachable == 0 && built && digests.len() == 1;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "digests_equal": agree, "nodes": nodes })
+        );
+    } else {
+        for node in &nodes {
+            match node.get("error") {
+                Some(error) => println!("{}  error: {error}", node["admin"]),
+                None => println!(
+                    "{}  built={}  keys={}  digest={}",
+                    node["node"],
+                    node["trees_built"],
+                    node["keyspaces"].as_object().map_or(0, |k| k
+                        .values()
+                        .filter_map(|v| v["keys"].as_u64())
+                        .sum::<u64>()),
+                    node["digest"]
+                ),
+            }
+        }
+        println!("digests equal: {agree}");
+    }
+    if unreachable > 0 {
+        anyhow::bail!("{unreachable} of {} nodes did not answer", admin.len());
+    }
     Ok(())
 }
 
