@@ -316,19 +316,34 @@ fn run_admin(command: AdminCommand) -> anyhow::Result<()> {
         .iter()
         .all(|n| n.get("trees_built") == Some(&serde_json::Value::Bool(true)));
     let agree = unreachable == 0 && built && digests.len() == 1;
+    let hints: u64 = nodes
+        .iter()
+        .filter_map(|n| n.get("hints_pending")?.as_object())
+        .flat_map(|pending| pending.values().filter_map(serde_json::Value::as_u64))
+        .sum();
+    // Converged: every replica holds the same data and nothing waits to be handed off.
+    let converged = agree && hints == 0;
     if json {
         println!(
             "{}",
-            serde_json::json!({ "digests_equal": agree, "nodes": nodes })
+            serde_json::json!({
+                "digests_equal": agree,
+                "hints_pending": hints,
+                "converged": converged,
+                "nodes": nodes,
+            })
         );
     } else {
         for node in &nodes {
             match node.get("error") {
                 Some(error) => println!("{}  error: {error}", node["admin"]),
                 None => println!(
-                    "{}  built={}  keys={}  digest={}",
+                    "{}  built={}  hints_pending={}  keys={}  digest={}",
                     node["node"],
                     node["trees_built"],
+                    node["hints_pending"]
+                        .as_object()
+                        .map_or(0, |h| h.values().filter_map(|v| v.as_u64()).sum::<u64>()),
                     node["keyspaces"].as_object().map_or(0, |k| k
                         .values()
                         .filter_map(|v| v["keys"].as_u64())
@@ -337,7 +352,7 @@ fn run_admin(command: AdminCommand) -> anyhow::Result<()> {
                 ),
             }
         }
-        println!("digests equal: {agree}");
+        println!("digests equal: {agree}; hints pending: {hints}; converged: {converged}");
     }
     if unreachable > 0 {
         anyhow::bail!("{unreachable} of {} nodes did not answer", admin.len());

@@ -168,7 +168,8 @@ pub struct SyncStatus {
     pub digest: String,
     /// Per keyspace: keys held, and the root (hex) of every range holding keys.
     pub keyspaces: BTreeMap<String, KeyspaceSync>,
-    /// Hints waiting per target node; filled in by hinted handoff (issue 7), empty until then.
+    /// Hints this node holds, per target node (owners with none are left out), so a script
+    /// can tell convergence: equal roots and no hints pending anywhere.
     pub hints_pending: BTreeMap<String, u64>,
 }
 
@@ -501,7 +502,10 @@ impl NodeCore {
             ranges_unbuilt: unbuilt,
             digest: digest.finalize().to_hex().to_string(),
             keyspaces,
-            hints_pending: BTreeMap::new(),
+            hints_pending: self
+                .hints_pending()
+                .map(|(owner, totals)| (owner.to_string(), totals.count))
+                .collect(),
         }
     }
 
