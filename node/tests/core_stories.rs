@@ -338,8 +338,14 @@ fn a_node_whose_storage_failed_takes_itself_out_of_service() {
         other => panic!("expected Unavailable, got {other:?}"),
     }
     assert!(!cluster.core(&n1).expect("running").in_service());
+    // A write n1 refuses leaves n2 a hint for it, which n2 then tries to hand off on every
+    // tick: n1 must not answer those either, or it would look alive.
+    let put = cluster.put(&n2, "before", "v", 2);
+    cluster.settle();
+    assert!(cluster.written(put), "{:?}", cluster.reply(put));
 
-    // n1 answers no more pings, so its peers count it down; writes go on without it.
+    // n1 answers no more pings or requests, so its peers count it down; writes go on without
+    // it.
     for _ in 0..5 {
         cluster.advance(100);
     }

@@ -434,8 +434,8 @@ impl NodeCore {
     /// Whether the node serves. A node whose storage engine failed takes itself out of service
     /// for good (sled refuses all work after an I/O error until it is reopened, which means a
     /// restart): it answers client requests `Unavailable` (retryable, so clients go to another
-    /// replica), fails replica writes and reads at once, stops answering pings so peers'
-    /// failure detectors count it down, and the shell reports it not ready.
+    /// replica), answers no peer request (replica writes, reads, hint deliveries, anti-entropy,
+    /// pings) so peers' failure detectors count it down, and the shell reports it not ready.
     pub fn in_service(&self) -> bool {
         self.out_of_service.is_none()
     }
@@ -470,7 +470,19 @@ impl NodeCore {
                 if let Some(transition) = self.detector.heard_from(&from, now.monotonic_ms) {
                     log_transition(&transition);
                 }
-                self.on_peer(now, from, message, storage, out)
+                // Out of service, the node answers no peer request at all (not even with
+                // `Failed`): any answer would count as a sign of life in the sender's failure
+                // detector, and hint deliveries and anti-entropy, which retry on every tick,
+                // would keep a node that cannot serve marked up. Silent, it is counted down
+                // and its peers stop sending it work. Answers to its own operations still land.
+                if !self.in_service()
+                    && (message.request_op().is_some()
+                        || matches!(message, PeerMessage::Ping { .. }))
+                {
+                    tracing::debug!(peer = %from, kind = message.kind(), "out of service; request ignored");
+                } else {
+                    self.on_peer(now, from, message, storage, out)
+                }
             }
             Input::Flushed { through } => self.on_flushed(through, out),
             Input::FlushFailed { reason } => self.on_flush_failed(&reason, out),
