@@ -12,6 +12,8 @@
 //! - `quorumkv dev [--nodes 3] [--dir DIR]`: run a local cluster on loopback.
 //! - `quorumkv put KEY VALUE`, `get KEY`, `delete KEY`: talk to a cluster (see
 //!   `quorumkv_node::cli_client` for flags, output formats and exit codes).
+//! - `quorumkv admin replicas KEY`: inspect a cluster without changing it (see
+//!   `quorumkv_node::cli_admin`).
 //!
 //! Exit status: 0 on success; 2 for usage errors and invalid input (bad flags, a bad or
 //! missing config, an invalid name, certificate files that are missing or do not fit the
@@ -22,6 +24,7 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use quorumkv_node::certs::{self, IfExists};
+use quorumkv_node::cli_admin::{run_admin, AdminCommand};
 use quorumkv_node::cli_client::{run_delete, run_get, run_put, ClientArgs};
 use quorumkv_node::config::ConfigArgs;
 use quorumkv_node::dev::DevArgs;
@@ -73,6 +76,9 @@ enum Command {
         #[command(flatten)]
         args: Box<ClientArgs>,
     },
+    /// Inspect a cluster without changing it.
+    #[command(subcommand)]
+    Admin(AdminCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,7 +144,7 @@ fn main() -> ExitCode {
     };
     let client_command = matches!(
         cli.command,
-        Command::Put { .. } | Command::Get { .. } | Command::Delete { .. }
+        Command::Put { .. } | Command::Get { .. } | Command::Delete { .. } | Command::Admin(_)
     );
     // The client library says at `info` when it marks a node down or up: news in a service's
     // log, noise in a shell command's stderr.
@@ -157,6 +163,9 @@ fn main() -> ExitCode {
         Command::Delete { key, args } => {
             return exit(runtime().map(|rt| rt.block_on(run_delete(&args, &key))))
         }
+        Command::Admin(command) => {
+            return exit(runtime().map(|rt| rt.block_on(run_admin(&command))))
+        }
         command => Cli { command },
     };
     match run(cli) {
@@ -173,9 +182,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Certs(command) => run_certs(command),
         Command::Config(command) => run_config(command),
         Command::Start { config } => run_start(&config),
-        Command::Dev(_) | Command::Put { .. } | Command::Get { .. } | Command::Delete { .. } => {
-            anyhow::bail!("handled before run")
-        }
+        Command::Dev(_)
+        | Command::Put { .. }
+        | Command::Get { .. }
+        | Command::Delete { .. }
+        | Command::Admin(_) => anyhow::bail!("handled before run"),
     }
 }
 
@@ -366,6 +377,38 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn admin_replicas_takes_a_key_the_keyspace_and_the_client_flags() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied());
+        let tls = [
+            "--nodes", "a:1", "--ca", "ca.pem", "--cert", "c.pem", "--key", "c.key",
+        ];
+        let mut args = vec![
+            "quorumkv",
+            "admin",
+            "replicas",
+            "k",
+            "--keyspace",
+            "ks",
+            "--json",
+        ];
+        args.extend(tls);
+        match parse(&args).map(|cli| cli.command) {
+            Ok(Command::Admin(AdminCommand::Replicas(replicas))) => {
+                assert_eq!(replicas.key, "k");
+                assert_eq!(replicas.keyspace, "ks");
+                assert!(replicas.json);
+                assert_eq!(replicas.connect.nodes, ["a:1"]);
+                assert_eq!(replicas.connect.tls_key, PathBuf::from("c.key"));
+            }
+            other => panic!("expected admin replicas, got {other:?}"),
+        }
+        // `--r`, `--w` and the other data-request flags do not belong to an inspection.
+        let mut with_r = args.clone();
+        with_r.extend(["--r", "2"]);
+        assert!(parse(&with_r).is_err());
     }
 
     #[test]

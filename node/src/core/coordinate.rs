@@ -314,6 +314,7 @@ impl NodeCore {
             {
                 return self.retry_forward(op, out);
             }
+            Some(Op::Inspect(_)) => return self.on_inspect_progress(op, from, progress, out),
             _ => return,
         }
         self.settle(op, out);
@@ -347,8 +348,10 @@ impl NodeCore {
     }
 
     pub(super) fn expire(&mut self, op: OpId, out: &mut Vec<Output>) {
-        if let Some(Op::Read(_)) = self.ops.get(&op) {
-            return self.expire_read(op, out);
+        match self.ops.get(&op) {
+            Some(Op::Read(_)) => return self.expire_read(op, out),
+            Some(Op::Inspect(_)) => return self.expire_inspect(op, out),
+            _ => {}
         }
         match self.remove_op(op) {
             Some(Op::Write(write)) => {
@@ -356,6 +359,7 @@ impl NodeCore {
                 self.answer(&write.origin, reply, out);
             }
             Some(Op::Read(_)) => unreachable!("reads expire in expire_read"),
+            Some(Op::Inspect(_)) => unreachable!("inspections expire in expire_inspect"),
             Some(Op::Forward(forward)) => {
                 let message = format!("coordinator {} did not answer in time", forward.to);
                 out.push(Output::Reply {

@@ -47,6 +47,7 @@ impl NodeCore {
                 Op::Write(w) => w.tally.waiting().any(|n| n == node),
                 Op::Read(r) => r.tally.waiting().any(|n| n == node) || r.repairing.contains(node),
                 Op::Forward(f) => f.to == *node,
+                Op::Inspect(i) => i.waiting_on(node),
             })
             .map(|(op, _)| *op)
             .collect();

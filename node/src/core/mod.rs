@@ -61,6 +61,7 @@
 //! | `replica` | what a node does with peer messages: merge replicas, serve reads, pongs |
 //! | `durability` | flush waiters and group commit |
 //! | `read_repair` | a read's reply and the repair of replicas it found behind |
+//! | `inspect` | what each replica of a key stores, asked without repairing (`admin replicas`) |
 //! | `liveness` | ticks: pings, peers found down, expired requests |
 //! | [`detector`] | the failure detector itself |
 //! | [`driver`] | a deterministic multi-core test driver, for scenarios that read as stories |
@@ -71,6 +72,7 @@ pub mod detector;
 pub mod driver;
 mod durability;
 mod forward;
+mod inspect;
 mod liveness;
 mod read_repair;
 mod replica;
@@ -278,6 +280,7 @@ enum Op {
     Write(WriteOp),
     Read(ReadOp),
     Forward(ForwardOp),
+    Inspect(inspect::InspectOp),
 }
 
 impl Op {
@@ -286,6 +289,7 @@ impl Op {
             Op::Write(w) => w.deadline_ms,
             Op::Read(r) => r.deadline_ms,
             Op::Forward(f) => f.deadline_ms,
+            Op::Inspect(i) => i.deadline_ms(),
         }
     }
 }
