@@ -161,7 +161,7 @@ pub struct GetResult {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ClientStats {
-    /// Requests started (each `get`, `put`, `delete` and cluster refresh is one).
+    /// Requests started (each `get`, `put`, `delete`, `replicas` and cluster refresh is one).
     pub requests: u64,
     /// Reads sent to a second target because the first had not answered in time.
     pub hedges: u64,
