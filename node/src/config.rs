@@ -106,6 +106,9 @@ pub struct Config {
     /// Size and count limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Hinted handoff.
+    #[serde(default)]
+    pub hints: HintsConfig,
     /// Certificate and key files. Required.
     pub tls: TlsConfig,
     /// The static member list, this node included. Required.
@@ -211,6 +214,32 @@ impl Default for Limits {
             siblings_per_key_warn: 25,
             inbox_bytes_max: 64 * 1024 * 1024,
             peer_queue_bytes_max: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// Hinted handoff: how much a node keeps for owners that missed writes, and for how long.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HintsConfig {
+    /// Bytes of hints kept for one owner. Beyond it a fallback refuses hinted writes (they do
+    /// not count toward W) and a replica drops its hints for that owner, leaving the range to
+    /// anti-entropy, with a metric and a log line. Default 256 MiB.
+    pub bytes_per_target_max: u64,
+    /// A hint no acknowledgement counted on expires this long after its last write if still
+    /// undelivered (Cassandra's `max_hint_window`). Default 3 hours.
+    pub max_age_ms: u64,
+    /// Hints in flight to one owner at a time while delivering. Default 64.
+    pub delivery_batch: usize,
+}
+
+impl Default for HintsConfig {
+    fn default() -> HintsConfig {
+        let core = crate::core::CoreConfig::default();
+        HintsConfig {
+            bytes_per_target_max: core.hint_bytes_per_target_max,
+            max_age_ms: core.hint_max_age_ms,
+            delivery_batch: core.hint_delivery_batch,
         }
     }
 }
@@ -365,6 +394,19 @@ pub struct ConfigOverrides {
         value_name = "BYTES"
     )]
     pub limits_peer_queue_bytes_max: Option<usize>,
+    /// `hints.bytes_per_target_max`.
+    #[arg(
+        long,
+        env = "QUORUMKV_HINTS_BYTES_PER_TARGET_MAX",
+        value_name = "BYTES"
+    )]
+    pub hints_bytes_per_target_max: Option<u64>,
+    /// `hints.max_age_ms`.
+    #[arg(long, env = "QUORUMKV_HINTS_MAX_AGE_MS", value_name = "MS")]
+    pub hints_max_age_ms: Option<u64>,
+    /// `hints.delivery_batch`.
+    #[arg(long, env = "QUORUMKV_HINTS_DELIVERY_BATCH", value_name = "N")]
+    pub hints_delivery_batch: Option<usize>,
     /// The cluster CA certificate (`tls.ca_cert`).
     #[arg(long, env = "QUORUMKV_TLS_CA_CERT", value_name = "FILE")]
     pub tls_ca_cert: Option<PathBuf>,
@@ -433,6 +475,12 @@ impl ConfigOverrides {
             "limits.peer_queue_bytes_max",
             &self.limits_peer_queue_bytes_max,
         )?;
+        set.field(
+            "hints.bytes_per_target_max",
+            &self.hints_bytes_per_target_max,
+        )?;
+        set.field("hints.max_age_ms", &self.hints_max_age_ms)?;
+        set.field("hints.delivery_batch", &self.hints_delivery_batch)?;
         set.field("tls.ca_cert", &self.tls_ca_cert)?;
         set.field("tls.cert", &self.tls_cert)?;
         set.field("tls.key", &self.tls_key)?;
@@ -903,6 +951,7 @@ impl Config {
             ("limits.peer_queue_bytes_max", l.peer_queue_bytes_max),
             ("limits.siblings_per_key_max", l.siblings_per_key_max),
             ("limits.siblings_per_key_warn", l.siblings_per_key_warn),
+            ("hints.delivery_batch", self.hints.delivery_batch),
         ] {
             if value == 0 {
                 return Err(config_error(field, "must be at least 1"));
@@ -1272,6 +1321,12 @@ mod tests {
             "300000",
             "--limits-peer-queue-bytes-max",
             "21",
+            "--hints-bytes-per-target-max",
+            "23",
+            "--hints-max-age-ms",
+            "24",
+            "--hints-delivery-batch",
+            "25",
             "--tls-ca-cert",
             "/c/ca.pem",
             "--tls-cert",
@@ -1315,6 +1370,11 @@ mod tests {
                 siblings_per_key_warn: 21,
                 inbox_bytes_max: 300_000,
                 peer_queue_bytes_max: 21,
+            },
+            hints: HintsConfig {
+                bytes_per_target_max: 23,
+                max_age_ms: 24,
+                delivery_batch: 25,
             },
             tls: TlsConfig {
                 ca_cert: "/c/ca.pem".into(),

@@ -192,6 +192,7 @@ pub fn prepare(dir: &Path, count: usize, ports: &Ports, ranges: u32) -> Result<L
             keyspaces: keyspaces.clone(),
             timeouts: local_timeouts(),
             limits: Limits::default(),
+            hints: Default::default(),
             tls: TlsConfig {
                 ca_cert: ca.cert.clone(),
                 cert: node_certs.cert.clone(),

@@ -42,6 +42,20 @@ pub const IN_FLIGHT_REQUESTS: &str = "quorumkv_in_flight_requests";
 /// replica), `local` (this node's own stale copy was merged), `failed` (a repaired replica
 /// refused or did not take it), `skipped` (too many reads lingering; anti-entropy covers it).
 pub const READ_REPAIRS_TOTAL: &str = "quorumkv_read_repairs_total";
+/// Hints written, by kind: `coordinator` (kept by a replica for an owner that missed a write)
+/// or `fallback` (kept for an owner that was down, under a sloppy quorum).
+pub const HINTS_WRITTEN_TOTAL: &str = "quorumkv_hints_written_total";
+/// Hints the owner confirmed on its disk, then deleted.
+pub const HINTS_DELIVERED_TOTAL: &str = "quorumkv_hints_delivered_total";
+/// Hints dropped undelivered, by reason: `bound` (the owner's hints reached
+/// `hints.bytes_per_target_max`), `age` (`hints.max_age_ms`), `corrupt`.
+pub const HINTS_DROPPED_TOTAL: &str = "quorumkv_hints_dropped_total";
+/// Hinted writes a fallback refused because its hints for the owner reached their bound.
+pub const HINTS_REFUSED_TOTAL: &str = "quorumkv_hints_refused_total";
+/// Hints this node holds, per owner (`target` is a member's node id).
+pub const HINTS_PENDING: &str = "quorumkv_hints_pending";
+/// Bytes of hints this node holds, per owner.
+pub const HINTS_PENDING_BYTES: &str = "quorumkv_hints_pending_bytes";
 
 /// Latency buckets in seconds: 100 µs to 10 s, roughly ×2.5 apart. Explicit, so histograms
 /// from different nodes and versions aggregate.
@@ -105,6 +119,28 @@ pub fn describe() {
         READ_REPAIRS_TOTAL,
         "Read repairs of one replica's copy, by outcome (sent, local, failed, skipped)."
     );
+    describe_counter!(
+        HINTS_WRITTEN_TOTAL,
+        "Hints written, by kind (coordinator, fallback)."
+    );
+    describe_counter!(
+        HINTS_DELIVERED_TOTAL,
+        "Hints delivered to their owner, confirmed durable there, and deleted."
+    );
+    describe_counter!(
+        HINTS_DROPPED_TOTAL,
+        "Hints dropped undelivered, by reason (bound, age, corrupt); anti-entropy covers them."
+    );
+    describe_counter!(
+        HINTS_REFUSED_TOTAL,
+        "Hinted writes refused by this node as a fallback: its hints for the owner are full."
+    );
+    describe_gauge!(HINTS_PENDING, "Hints held for an owner (target).");
+    describe_gauge!(
+        HINTS_PENDING_BYTES,
+        Unit::Bytes,
+        "Bytes of hints held for an owner (target)."
+    );
 }
 
 /// One finished client request.
@@ -162,6 +198,32 @@ pub fn peer_transition(peer: &str, up: bool) {
 /// A read repair of one replica's copy (`sent`, `local`, `failed` or `skipped`).
 pub fn read_repair(outcome: &'static str) {
     counter!(READ_REPAIRS_TOTAL, "outcome" => outcome).increment(1);
+}
+
+/// A hint written (`coordinator` or `fallback`).
+pub fn hint_written(kind: &'static str) {
+    counter!(HINTS_WRITTEN_TOTAL, "kind" => kind).increment(1);
+}
+
+/// A hint delivered and deleted.
+pub fn hint_delivered() {
+    counter!(HINTS_DELIVERED_TOTAL).increment(1);
+}
+
+/// A hint dropped undelivered (`bound`, `age` or `corrupt`).
+pub fn hint_dropped(reason: &'static str) {
+    counter!(HINTS_DROPPED_TOTAL, "reason" => reason).increment(1);
+}
+
+/// A hinted write refused at its bound.
+pub fn hint_refused() {
+    counter!(HINTS_REFUSED_TOTAL).increment(1);
+}
+
+/// Hints now held for `target`.
+pub fn hints_pending(target: &str, count: u64, bytes: u64) {
+    gauge!(HINTS_PENDING, "target" => target.to_string()).set(count as f64);
+    gauge!(HINTS_PENDING_BYTES, "target" => target.to_string()).set(bytes as f64);
 }
 
 /// Requests in flight at this node now.

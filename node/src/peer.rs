@@ -53,6 +53,10 @@ pub enum PeerMessage {
     /// Merge this state into your copy of the key and answer once: [`PeerMessage::Applied`]
     /// as soon as it is merged, or, when `durable` is set, [`PeerMessage::Durable`] once the
     /// merge is flushed to disk (a durable answer counts as applied too).
+    ///
+    /// With `hint_for`, the receiver is a fallback standing in for that owner under a sloppy
+    /// quorum: it keeps the state as a hint for the owner (not as its own data) and answers
+    /// the same way once the hint is stored.
     Replicate {
         op: OpId,
         keyspace: String,
@@ -61,6 +65,8 @@ pub enum PeerMessage {
         #[serde(with = "serde_bytes")]
         state: Vec<u8>,
         durable: bool,
+        #[serde(default)]
+        hint_for: Option<String>,
     },
     /// The replica merged the state of `op` (the answer to a non-durable `Replicate`).
     Applied { op: OpId },

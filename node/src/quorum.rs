@@ -20,7 +20,7 @@
 //! **Invariant:** a verdict, once `Reached` or `Failed`, never changes.
 
 use quorumkv_ring::NodeId;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// An answer (or a failure) from one replica.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,11 +74,19 @@ pub struct Shortfall {
 }
 
 /// Counts one request's replica answers.
+///
+/// Each primary owner has one slot. Under a sloppy quorum a fallback may answer in an owner's
+/// place ([`Tally::substitute`]); its answer fills the owner's slot and counts toward
+/// `required` and `durable_required`, but not toward `primary_required` (Riak's PW), which only
+/// answers of the owners themselves fulfil.
 #[derive(Clone, Debug)]
 pub struct Tally {
     required: u8,
     durable_required: u8,
+    primary_required: u8,
     replicas: BTreeMap<NodeId, State>,
+    /// Owners whose slot a fallback answers.
+    substituted: BTreeSet<NodeId>,
     decided: Option<Verdict>,
 }
 
@@ -92,6 +100,17 @@ impl Tally {
         required: u8,
         durable_required: u8,
     ) -> Tally {
+        Tally::with_primaries(replicas, required, durable_required, 0)
+    }
+
+    /// A tally that also requires `primary_required` of the answers to come from the owners
+    /// themselves rather than fallbacks standing in for them.
+    pub fn with_primaries(
+        replicas: impl IntoIterator<Item = NodeId>,
+        required: u8,
+        durable_required: u8,
+        primary_required: u8,
+    ) -> Tally {
         let replicas = replicas
             .into_iter()
             .map(|node| (node, State::Waiting))
@@ -99,11 +118,37 @@ impl Tally {
         let mut tally = Tally {
             required,
             durable_required,
+            primary_required,
             replicas,
+            substituted: BTreeSet::new(),
             decided: None,
         };
         tally.decide();
         tally
+    }
+
+    /// From now on, `owner`'s slot is answered by a fallback holding a hint for it. Must be
+    /// called before anything is recorded for the slot.
+    pub fn substitute(&mut self, owner: &NodeId) -> Verdict {
+        if self.replicas.get(owner) == Some(&State::Waiting) {
+            self.substituted.insert(owner.clone());
+        }
+        self.decide()
+    }
+
+    /// Answers counted toward `required` that came from fallbacks (hinted).
+    pub fn hinted(&self) -> u8 {
+        self.replicas
+            .iter()
+            .filter(|(node, state)| state.applied() && self.substituted.contains(*node))
+            .count() as u8
+    }
+
+    /// Whether `owner`'s slot holds an answer (its own or a fallback's) that applied.
+    pub fn applied(&self, owner: &NodeId) -> bool {
+        self.replicas
+            .get(owner)
+            .is_some_and(|state| state.applied())
     }
 
     /// Records that `node` reached `progress`. Progress only moves forward (a late `Applied`
@@ -169,10 +214,22 @@ impl Tally {
         let durable = self.count(|s| s == State::Durable);
         let waiting = self.count(|s| s == State::Waiting);
         let may_still_flush = self.count(|s| s == State::Applied);
-        let verdict = if applied >= self.required && durable >= self.durable_required {
+        let primary = |pred: fn(State) -> bool| {
+            self.replicas
+                .iter()
+                .filter(|(node, state)| pred(**state) && !self.substituted.contains(*node))
+                .count() as u8
+        };
+        let primary_applied = primary(State::applied);
+        let primary_waiting = primary(|s| s == State::Waiting);
+        let verdict = if applied >= self.required
+            && durable >= self.durable_required
+            && primary_applied >= self.primary_required
+        {
             Verdict::Reached
         } else if applied + waiting < self.required
             || durable + waiting + may_still_flush < self.durable_required
+            || primary_applied + primary_waiting < self.primary_required
         {
             Verdict::Failed
         } else {
@@ -268,6 +325,28 @@ mod tests {
     fn answers_from_unknown_nodes_are_ignored() {
         let mut tally = Tally::new(nodes(), 1, 0);
         assert_eq!(tally.record(&id("z"), Applied), Verdict::Pending);
+    }
+
+    #[test]
+    fn a_fallback_fills_its_owners_slot_but_not_a_primary_requirement() {
+        // W = 2, PW = 2: a fallback standing in for c counts toward W, not toward PW.
+        let mut tally = Tally::with_primaries(nodes(), 2, 0, 2);
+        tally.substitute(&id("c"));
+        tally.record(&id("a"), Applied);
+        assert_eq!(tally.record(&id("c"), Applied), Verdict::Pending);
+        assert_eq!(tally.hinted(), 1);
+        assert_eq!(tally.record(&id("b"), Applied), Verdict::Reached);
+        // PW = 2 with one owner failed and one substituted: impossible at once.
+        let mut tally = Tally::with_primaries(nodes(), 2, 0, 2);
+        tally.substitute(&id("c"));
+        tally.record(&id("a"), Applied);
+        assert_eq!(tally.record(&id("b"), Failed), Verdict::Failed);
+        // Without PW the same answers reach W through the fallback.
+        let mut tally = Tally::with_primaries(nodes(), 2, 0, 0);
+        tally.substitute(&id("c"));
+        tally.record(&id("a"), Applied);
+        tally.record(&id("b"), Failed);
+        assert_eq!(tally.record(&id("c"), Applied), Verdict::Reached);
     }
 
     #[test]

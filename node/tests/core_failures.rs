@@ -273,6 +273,7 @@ fn a_replica_answers_each_write_once() {
             key: b"k".to_vec(),
             state: state.encode_canonical(),
             durable,
+            hint_for: None,
         },
     };
     let answers = |out: &[Output]| -> Vec<String> {

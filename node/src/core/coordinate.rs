@@ -15,11 +15,13 @@ use super::{
 use crate::metrics;
 use crate::peer::{OpId, PeerMessage};
 use crate::quorum::{ReplicaProgress, Tally, Verdict};
-use crate::storage::Storage;
+use crate::storage::{AuxTable, AuxWrite, Storage};
 use crate::version_vector::{self, ClientContext, KeyState, RequestId as CoreRequestId};
 use quorumkv_client::protocol::{ErrorKind, ErrorReply, ReadOptions, Response, WriteOptions};
 use quorumkv_client::Context;
 use quorumkv_ring::NodeId;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 impl NodeCore {
     #[allow(clippy::too_many_arguments)]
@@ -36,7 +38,7 @@ impl NodeCore {
         storage: &dyn Storage,
         out: &mut Vec<Output>,
     ) -> Result<(), ErrorReply> {
-        let (w, dw) = write_quorum(checked.n, options)?;
+        let (w, dw, pw) = write_quorum(checked.n, options)?;
         let client_context = self.decode_context(checked, context)?;
         let request_id = CoreRequestId(request_id);
         let mut state = storage
@@ -58,9 +60,34 @@ impl NodeCore {
             .update(&client_context.context, dot, request_id, now.wall_ms, value)
             .map_err(|e| invalid(format!("the write cannot be applied: {e}")))?;
         self.check_key_state(&before, &state)?;
+        // Where the write goes: owners believed up, fallbacks for owners believed down (sloppy
+        // quorum), and hints here for owners neither covers, stored with the data.
+        let sloppy = options.sloppy_quorum.unwrap_or(true);
+        let ring = Arc::clone(&self.map);
+        let placement = self.place_write(
+            &ring.ring,
+            checked.keyspace,
+            checked.key,
+            &checked.preference_list,
+            sloppy,
+        );
+        let hints =
+            self.coordinator_hints(now, checked.keyspace, checked.key, &placement.hinted_here);
+        let existed: Vec<Option<usize>> = hints
+            .iter()
+            .map(|(_, write)| {
+                storage
+                    .aux(AuxTable::Hints, &write.key)
+                    .ok()
+                    .flatten()
+                    .map(|v| v.len())
+            })
+            .collect();
+        let aux: Vec<AuxWrite> = hints.iter().map(|(_, write)| write.clone()).collect();
         let merged = self
-            .store(storage, checked.keyspace, checked.key, &state, &[])
+            .store(storage, checked.keyspace, checked.key, &state, &aux)
             .map_err(|e| self.storage_error("writing the local copy", e))?;
+        self.note_hints_written(&hints, &existed, "coordinator");
         // The writer knows its own write: a later write with this context supersedes every copy
         // of it, including one a retry left at another coordinator.
         let reply_context = Context::from_bytes(version_vector::encode_token(
@@ -69,8 +96,18 @@ impl NodeCore {
             checked.key,
         ));
         let op = self.new_op();
-        let mut tally = Tally::new(checked.preference_list.iter().cloned(), w, dw);
+        let mut tally = Tally::with_primaries(checked.preference_list.iter().cloned(), w, dw, pw);
         tally.record(&self.me, ReplicaProgress::Applied);
+        for owner in &placement.hinted_here {
+            tally.record(owner, ReplicaProgress::Failed);
+        }
+        let mut fallbacks = BTreeMap::new();
+        for (to, owner) in &placement.sends {
+            if let Some(owner) = owner {
+                tally.substitute(owner);
+                fallbacks.insert(to.clone(), owner.clone());
+            }
+        }
         if dw > 0 {
             self.await_durable(
                 merged.seq,
@@ -86,13 +123,19 @@ impl NodeCore {
         // Replicate once: `Applied` at once, or `Durable` (which also counts as applied) after
         // its flush, never both.
         let durable = dw > 1;
-        self.fan_out(checked, &mut tally, out, || PeerMessage::Replicate {
-            op,
-            keyspace: checked.keyspace.to_string(),
-            key: checked.key.to_vec(),
-            state: encoded.clone(),
-            durable,
-        });
+        for (to, owner) in placement.sends {
+            out.push(Output::Send {
+                to,
+                message: PeerMessage::Replicate {
+                    op,
+                    keyspace: checked.keyspace.to_string(),
+                    key: checked.key.to_vec(),
+                    state: encoded.clone(),
+                    durable,
+                    hint_for: owner.map(|owner| owner.to_string()),
+                },
+            });
+        }
         self.insert_op(
             op,
             Op::Write(WriteOp {
@@ -100,6 +143,12 @@ impl NodeCore {
                 tally,
                 deadline_ms,
                 reply_context,
+                keyspace: checked.keyspace.to_string(),
+                key: checked.key.to_vec(),
+                owners: checked.preference_list.clone(),
+                fallbacks,
+                hinted_here: placement.hinted_here.into_iter().collect(),
+                replied: false,
             }),
         );
         self.settle(op, out);
@@ -301,7 +350,13 @@ impl NodeCore {
     ) {
         match self.ops.get_mut(&op) {
             Some(Op::Write(write)) => {
-                write.tally.record(from, progress);
+                // A fallback's answer fills the slot of the owner it stands in for.
+                let slot = write.fallbacks.get(from).unwrap_or(from).clone();
+                write.tally.record(&slot, progress);
+            }
+            Some(Op::Handoff(_)) => {
+                let done = progress == ReplicaProgress::Durable;
+                return self.on_handoff_answer(op, from, done);
             }
             Some(Op::Read(read)) => {
                 // After its answer, a replica's progress for a read is its repair's.
@@ -335,31 +390,61 @@ impl NodeCore {
         if verdict == Verdict::Pending || (verdict == Verdict::Failed && !quiet) {
             return;
         }
-        if let Some(Op::Write(write)) = self.remove_op(op) {
+        if !write.replied {
             let response = match verdict {
                 Verdict::Reached => Response::Written {
-                    context: write.reply_context,
-                    hinted: 0,
+                    context: write.reply_context.clone(),
+                    hinted: write.tally.hinted(),
                 },
                 _ => quorum_not_reached("write", write.tally.shortfall()),
             };
-            self.answer(&write.origin, response, out);
+            let origin = write.origin.clone();
+            self.answer(&origin, response, out);
+            if let Some(Op::Write(write)) = self.ops.get_mut(&op) {
+                write.replied = true;
+            }
+        }
+        // After the reply the write lingers until every owner answered, so that each owner
+        // that did not apply it gets a hint (at the latest at the deadline, see `expire`).
+        if quiet || self.lingering.len() > self.config.in_flight_requests_max {
+            self.finish_write(op);
+        } else {
+            self.lingering.insert(op);
+        }
+    }
+
+    /// Ends a write: every owner that did not apply it (itself or through a fallback) and has
+    /// no hint from the write yet gets one here.
+    fn finish_write(&mut self, op: OpId) {
+        if let Some(Op::Write(write)) = self.remove_op(op) {
+            let missing: Vec<NodeId> = Self::owners_missing(&write.tally, &write.owners, &self.me)
+                .into_iter()
+                .filter(|owner| !write.hinted_here.contains(owner))
+                .collect();
+            if !missing.is_empty() {
+                self.queue_hints(&write.keyspace, &write.key, missing);
+            }
         }
     }
 
     pub(super) fn expire(&mut self, op: OpId, out: &mut Vec<Output>) {
         match self.ops.get(&op) {
             Some(Op::Read(_)) => return self.expire_read(op, out),
+            Some(Op::Handoff(_)) => return self.expire_handoff(op),
             Some(Op::Inspect(_)) => return self.expire_inspect(op, out),
+            Some(Op::Write(write)) => {
+                if !write.replied {
+                    let reply = quorum_not_reached("write", write.tally.shortfall());
+                    let origin = write.origin.clone();
+                    self.answer(&origin, reply, out);
+                }
+                return self.finish_write(op);
+            }
             _ => {}
         }
         match self.remove_op(op) {
-            Some(Op::Write(write)) => {
-                let reply = quorum_not_reached("write", write.tally.shortfall());
-                self.answer(&write.origin, reply, out);
-            }
-            Some(Op::Read(_)) => unreachable!("reads expire in expire_read"),
-            Some(Op::Inspect(_)) => unreachable!("inspections expire in expire_inspect"),
+            Some(Op::Write(_)) | Some(Op::Handoff(_)) | Some(Op::Inspect(_)) => {}
+            Some(Op::Read(_)) => {}
             Some(Op::Forward(forward)) => {
                 let message = format!("coordinator {} did not answer in time", forward.to);
                 out.push(Output::Reply {

@@ -170,6 +170,48 @@ impl Driver {
         self.request(node, request)
     }
 
+    /// A blind put of `value` with the given options, sent to `node`.
+    pub fn put_options(
+        &mut self,
+        node: &NodeId,
+        key: &str,
+        value: &str,
+        options: WriteOptions,
+    ) -> ClientHandle {
+        let request = Request::Put {
+            keyspace: KEYSPACE.into(),
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            context: None,
+            request_id: self.request_id(),
+            options,
+        };
+        self.request(node, request)
+    }
+
+    /// The key's preference list (its owners, in order).
+    pub fn owners(&self, key: &str) -> Vec<NodeId> {
+        let n = self.map.keyspaces[KEYSPACE];
+        self.map
+            .ring
+            .preference_list_for(KEYSPACE, key.as_bytes(), usize::from(n))
+            .expect("the driven keyspace places")
+            .ids()
+            .cloned()
+            .collect()
+    }
+
+    /// Hints `node` holds, per owner (count), if it is running.
+    pub fn hints(&self, node: &NodeId) -> Vec<(NodeId, u64)> {
+        self.core(node)
+            .map(|core| {
+                core.hints_pending()
+                    .map(|(owner, totals)| (owner.clone(), totals.count))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// A get at R = `r`, sent to `node`.
     pub fn get(&mut self, node: &NodeId, key: &str, r: u8) -> ClientHandle {
         let request = Request::Get {

@@ -44,7 +44,10 @@ impl NodeCore {
             .ops
             .iter()
             .filter(|(_, op)| match op {
-                Op::Write(w) => w.tally.waiting().any(|n| n == node),
+                Op::Write(w) => {
+                    w.tally.waiting().any(|n| n == node) || w.fallbacks.contains_key(node)
+                }
+                Op::Handoff(h) => h.owner == *node,
                 Op::Read(r) => r.tally.waiting().any(|n| n == node) || r.repairing.contains(node),
                 Op::Forward(f) => f.to == *node,
                 Op::Inspect(i) => i.waiting_on(node),

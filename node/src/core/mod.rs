@@ -61,6 +61,7 @@
 //! | `replica` | what a node does with peer messages: merge replicas, serve reads, pongs |
 //! | `durability` | flush waiters and group commit |
 //! | `read_repair` | a read's reply and the repair of replicas it found behind |
+//! | `hints` | sloppy quorum placement, hints kept for owners that missed writes, their delivery |
 //! | `inspect` | what each replica of a key stores, asked without repairing (`admin replicas`) |
 //! | `liveness` | ticks: pings, peers found down, expired requests |
 //! | [`detector`] | the failure detector itself |
@@ -72,6 +73,7 @@ pub mod detector;
 pub mod driver;
 mod durability;
 mod forward;
+mod hints;
 mod inspect;
 mod liveness;
 mod read_repair;
@@ -83,6 +85,7 @@ use crate::quorum::{ReplicaProgress, Shortfall, Tally};
 use crate::storage::{AuxWrite, Merged, Storage, WriteSeq};
 use crate::version_vector::{ActorClock, KeyState};
 use detector::{FailureDetector, Liveness, Transition};
+pub use hints::{HintRecord, HintTotals};
 use quorumkv_client::protocol::{
     ClusterInfo, ErrorKind, ErrorReply, KeyspaceInfo, NodeAddress, QuorumShortfall, ReadOptions,
     ReadRepair, Request, Response, WriteOptions,
@@ -141,6 +144,12 @@ pub struct CoreConfig {
     /// The largest encoded key state a write may leave: what one replication frame can carry
     /// besides the key and the envelope. Derived from `limits.frame_bytes_max`.
     pub key_state_bytes_max: usize,
+    /// Bytes of hints this node keeps for one owner (see `hints`).
+    pub hint_bytes_per_target_max: u64,
+    /// Age after which an undelivered hint that no acknowledgement counted on expires.
+    pub hint_max_age_ms: u64,
+    /// Hints delivered to one owner at a time.
+    pub hint_delivery_batch: usize,
 }
 
 impl Default for CoreConfig {
@@ -156,6 +165,9 @@ impl Default for CoreConfig {
             siblings_per_key_max: 100,
             siblings_per_key_warn: 25,
             key_state_bytes_max: 1024 * 1024 + 64 * 1024 - 1024 - 4096,
+            hint_bytes_per_target_max: 256 * 1024 * 1024,
+            hint_max_age_ms: 3 * 60 * 60 * 1000,
+            hint_delivery_batch: 64,
         }
     }
 }
@@ -241,6 +253,17 @@ struct WriteOp {
     deadline_ms: u64,
     /// The context the writer gets back: its own context plus the new dot.
     reply_context: Context,
+    keyspace: String,
+    key: Vec<u8>,
+    /// The key's preference list: the owners, one tally slot each.
+    owners: Vec<NodeId>,
+    /// Fallback → the owner whose slot it fills (sloppy quorum).
+    fallbacks: BTreeMap<NodeId, NodeId>,
+    /// Owners hinted here in the write that stored the data.
+    hinted_here: BTreeSet<NodeId>,
+    /// The client has its answer; the write lingers until every owner answered, to hint those
+    /// that did not.
+    replied: bool,
 }
 
 #[derive(Debug)]
@@ -280,6 +303,7 @@ enum Op {
     Write(WriteOp),
     Read(ReadOp),
     Forward(ForwardOp),
+    Handoff(hints::HandoffOp),
     Inspect(inspect::InspectOp),
 }
 
@@ -289,6 +313,7 @@ impl Op {
             Op::Write(w) => w.deadline_ms,
             Op::Read(r) => r.deadline_ms,
             Op::Forward(f) => f.deadline_ms,
+            Op::Handoff(h) => h.deadline_ms,
             Op::Inspect(i) => i.deadline_ms(),
         }
     }
@@ -340,6 +365,7 @@ pub struct NodeCore {
     lingering: BTreeSet<OpId>,
     /// This node's stale copies found by reads, merged at the end of the current input.
     local_repairs: Vec<(String, Vec<u8>, KeyState)>,
+    hints: hints::Hints,
 }
 
 impl NodeCore {
@@ -378,6 +404,7 @@ impl NodeCore {
             flush_in_flight: false,
             lingering: BTreeSet::new(),
             local_repairs: Vec::new(),
+            hints: hints::Hints::default(),
         }
     }
 
@@ -401,9 +428,9 @@ impl NodeCore {
     }
 
     /// Requests being coordinated or forwarded now, not counting answered ones that linger
-    /// for late answers or repairs.
+    /// for late answers or repairs, nor hint deliveries.
     pub fn in_flight(&self) -> usize {
-        self.ops.len() - self.lingering.len()
+        self.ops.len() - self.lingering.len() - self.hints_in_flight()
     }
 
     /// The liveness the failure detector believes for each peer.
@@ -444,11 +471,15 @@ impl NodeCore {
                     self.congested.remove(&node);
                 }
             }
-            Input::Tick => self.on_tick(now, out),
+            Input::Tick => {
+                self.on_tick(now, out);
+                self.deliver_hints(now, storage, out);
+            }
         }
         if !self.local_repairs.is_empty() {
             self.apply_local_repairs(storage);
         }
+        self.apply_hint_work(now, storage);
     }
 
     fn answer(&self, origin: &Origin, response: Response, out: &mut Vec<Output>) {
@@ -513,7 +544,7 @@ pub fn majority(n: u8) -> u8 {
     n / 2 + 1
 }
 
-fn write_quorum(n: u8, options: &WriteOptions) -> Result<(u8, u8), ErrorReply> {
+fn write_quorum(n: u8, options: &WriteOptions) -> Result<(u8, u8, u8), ErrorReply> {
     let w = options.w.unwrap_or_else(|| majority(n));
     if w == 0 || w > n {
         return Err(invalid(format!(
@@ -524,7 +555,11 @@ fn write_quorum(n: u8, options: &WriteOptions) -> Result<(u8, u8), ErrorReply> {
     if dw > w {
         return Err(invalid(format!("dw = {dw} exceeds w = {w}")));
     }
-    Ok((w, dw))
+    let pw = options.pw.unwrap_or(0);
+    if pw > w {
+        return Err(invalid(format!("pw = {pw} exceeds w = {w}")));
+    }
+    Ok((w, dw, pw))
 }
 
 fn read_quorum(n: u8, options: &ReadOptions) -> Result<u8, ErrorReply> {
@@ -534,7 +569,13 @@ fn read_quorum(n: u8, options: &ReadOptions) -> Result<u8, ErrorReply> {
             "r = {r} is outside 1..={n} (the keyspace's N)"
         )));
     }
-    Ok(r)
+    let pr = options.pr.unwrap_or(0);
+    if pr > n {
+        return Err(invalid(format!("pr = {pr} exceeds {n} (the keyspace's N)")));
+    }
+    // Reads ask primary owners only, so every answer is a primary one: PR raises the number
+    // of answers awaited.
+    Ok(r.max(pr))
 }
 
 fn quorum_not_reached(what: &str, shortfall: Shortfall) -> Response {

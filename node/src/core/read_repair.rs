@@ -166,6 +166,7 @@ impl NodeCore {
                         key: key.clone(),
                         state: encoded.clone(),
                         durable: false,
+                        hint_for: None,
                     },
                 });
                 if let Some(Op::Read(read)) = self.ops.get_mut(&op) {

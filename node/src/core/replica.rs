@@ -44,7 +44,12 @@ impl NodeCore {
                 key,
                 state,
                 durable,
-            } => self.on_replicate(from, op, &keyspace, &key, &state, durable, storage, out),
+                hint_for,
+            } => {
+                let at = (keyspace.as_str(), key.as_slice());
+                let message = (op, state.as_slice(), durable);
+                self.on_replicate(now, from, hint_for, at, message, storage, out)
+            }
             PeerMessage::Applied { op } => {
                 self.on_progress(op, &from, ReplicaProgress::Applied, out)
             }
@@ -103,24 +108,45 @@ impl NodeCore {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn on_replicate(
         &mut self,
+        now: Now,
         from: NodeId,
-        op: OpId,
-        keyspace: &str,
-        key: &[u8],
-        state: &[u8],
-        durable: bool,
+        hint_for: Option<String>,
+        (keyspace, key): (&str, &[u8]),
+        (op, state, durable): (OpId, &[u8], bool),
         storage: &dyn Storage,
         out: &mut Vec<Output>,
     ) {
-        let result = if let Some(reply) = self.out_of_service_reply() {
-            Err(reply.message)
-        } else if !self.map.keyspaces.contains_key(keyspace) {
-            Err(format!("unknown keyspace `{keyspace}`"))
-        } else if key.is_empty() || key.len() > self.config.key_bytes_max {
-            Err(format!(
-                "key of {} bytes is outside 1..=key_bytes_max",
-                key.len()
-            ))
+        if let Some(owner) = hint_for {
+            let checked = match NodeId::new(owner.as_str()) {
+                Err(e) => Err(format!("hint for an invalid node id: {e}")),
+                Ok(owner) => self
+                    .check_replica_write(keyspace, key)
+                    .and_then(|()| KeyState::decode(state).map_err(|e| e.to_string()))
+                    .map(|incoming| (owner, incoming)),
+            };
+            return match checked {
+                Ok((owner, incoming)) => self.on_hinted_replicate(
+                    now,
+                    from,
+                    op,
+                    &owner,
+                    (keyspace, key),
+                    &incoming,
+                    durable,
+                    storage,
+                    out,
+                ),
+                Err(reason) => {
+                    tracing::warn!(peer = %from, %reason, "refused a hinted write");
+                    out.push(Output::Send {
+                        to: from,
+                        message: PeerMessage::Failed { op, reason },
+                    });
+                }
+            };
+        }
+        let result = if let Err(reason) = self.check_replica_write(keyspace, key) {
+            Err(reason)
         } else {
             match KeyState::decode(state) {
                 Err(e) => Err(e.to_string()),
@@ -159,6 +185,22 @@ impl NodeCore {
                     message: PeerMessage::Failed { op, reason },
                 });
             }
+        }
+    }
+
+    /// Why a replica write (or hint) for `key` in `keyspace` must be refused, if it must.
+    fn check_replica_write(&self, keyspace: &str, key: &[u8]) -> Result<(), String> {
+        if let Some(reply) = self.out_of_service_reply() {
+            Err(reply.message)
+        } else if !self.map.keyspaces.contains_key(keyspace) {
+            Err(format!("unknown keyspace `{keyspace}`"))
+        } else if key.is_empty() || key.len() > self.config.key_bytes_max {
+            Err(format!(
+                "key of {} bytes is outside 1..=key_bytes_max",
+                key.len()
+            ))
+        } else {
+            Ok(())
         }
     }
 }

@@ -86,6 +86,9 @@ pub fn core_config(config: &Config) -> CoreConfig {
         key_state_bytes_max: (config.limits.frame_bytes_max as usize)
             .saturating_sub(config.limits.key_bytes_max)
             .saturating_sub(crate::config::FRAME_ENVELOPE_BYTES as usize),
+        hint_bytes_per_target_max: config.hints.bytes_per_target_max,
+        hint_max_age_ms: config.hints.max_age_ms,
+        hint_delivery_batch: config.hints.delivery_batch.max(1),
     }
 }
 

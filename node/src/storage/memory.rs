@@ -324,6 +324,47 @@ impl Storage for MemoryStorage {
             .cloned())
     }
 
+    fn write_aux(&self, aux: &[AuxWrite]) -> Result<WriteSeq> {
+        self.check_failure("aux write")?;
+        let mut inner = self.lock();
+        if aux.is_empty() {
+            return Ok(inner.volatile.seq);
+        }
+        let seq = WriteSeq(inner.volatile.seq.0 + 1);
+        let write = PendingWrite {
+            data: None,
+            aux: aux.to_vec(),
+            seq,
+        };
+        inner.volatile.apply(&write);
+        inner.pending.push(write);
+        Ok(seq)
+    }
+
+    fn aux_scan(
+        &self,
+        table: AuxTable,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.check_failure("aux scan")?;
+        let inner = self.lock();
+        let Some(records) = inner.volatile.aux.get(&table) else {
+            return Ok(Vec::new());
+        };
+        let start = match after {
+            Some(after) => Bound::Excluded(after.to_vec()),
+            None => Bound::Included(prefix.to_vec()),
+        };
+        Ok(records
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .take(limit)
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect())
+    }
+
     fn incarnation(&self) -> Result<Option<IncarnationRecord>> {
         let inner = self.lock();
         inner

@@ -156,6 +156,21 @@ pub trait Storage: Send + Sync + 'static {
     /// A record from an auxiliary table.
     fn aux(&self, table: AuxTable, key: &[u8]) -> Result<Option<Vec<u8>>>;
 
+    /// Writes auxiliary records without touching data, atomically and in order (a later write to
+    /// the same key wins), and returns their sequence number: for records that are data of
+    /// their own, such as a hint a fallback keeps for a key it does not replicate.
+    fn write_aux(&self, aux: &[AuxWrite]) -> Result<WriteSeq>;
+
+    /// At most `limit` records of `table` whose keys start with `prefix`, in key order,
+    /// starting after `after` when given (so a caller can page through a table).
+    fn aux_scan(
+        &self,
+        table: AuxTable,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+
     /// The node's incarnation record (see [`crate::version_vector`]), if one was written.
     fn incarnation(&self) -> Result<Option<IncarnationRecord>>;
 

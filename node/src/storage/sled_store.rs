@@ -426,6 +426,75 @@ impl Storage for SledStorage {
         Ok(value.map(|value| value.to_vec()))
     }
 
+    fn write_aux(&self, aux: &[AuxWrite]) -> Result<WriteSeq> {
+        if aux.is_empty() {
+            return Ok(WriteSeq(self.seq.load(Ordering::SeqCst)));
+        }
+        let table = aux[0].table;
+        if aux.iter().all(|write| write.table == table) {
+            // One tree: a batch is atomic and takes no transaction lock.
+            let mut batch = sled::Batch::default();
+            for write in aux {
+                match &write.value {
+                    Some(value) => batch.insert(write.key.as_slice(), value.as_slice()),
+                    None => batch.remove(write.key.as_slice()),
+                }
+            }
+            self.aux_tree(table)
+                .apply_batch(batch)
+                .map_err(|e| engine_error("aux write", e))?;
+        } else {
+            let result = (&self.hints, &self.merkle_dirty).transaction(|(hints, dirty)| {
+                for write in aux {
+                    let tree = match write.table {
+                        AuxTable::Hints => hints,
+                        AuxTable::MerkleDirty => dirty,
+                    };
+                    match &write.value {
+                        Some(value) => tree.insert(write.key.as_slice(), value.as_slice())?,
+                        None => tree.remove(write.key.as_slice())?,
+                    };
+                }
+                Ok::<(), ConflictableTransactionError<Error>>(())
+            });
+            match result {
+                Ok(()) => {}
+                Err(TransactionError::Abort(error)) => return Err(error),
+                Err(TransactionError::Storage(error)) => {
+                    return Err(engine_error("aux write", error))
+                }
+            }
+        }
+        // Taken after the commit: see the module docs.
+        Ok(WriteSeq(self.seq.fetch_add(1, Ordering::SeqCst) + 1))
+    }
+
+    fn aux_scan(
+        &self,
+        table: AuxTable,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let tree = self.aux_tree(table);
+        let entries = match after {
+            Some(after) => tree.range((
+                std::ops::Bound::Excluded(after.to_vec()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => tree.range(prefix.to_vec()..),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let (key, value) = entry.map_err(|e| engine_error("aux scan", e))?;
+            if !key.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(out)
+    }
+
     fn incarnation(&self) -> Result<Option<IncarnationRecord>> {
         let bytes = self
             .meta

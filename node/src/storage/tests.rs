@@ -1077,3 +1077,68 @@ fn sled_merge_transaction_replans_when_the_stored_bytes_moved_under_its_plan() {
         Some(stored.join(&incoming))
     );
 }
+
+/// `write_aux` and `aux_scan` behave alike in both engines: atomic aux-only writes with their
+/// own sequence number, and prefix scans in key order that page with `after` and `limit`.
+#[test]
+fn aux_only_writes_and_prefix_scans_agree_across_engines() {
+    let dir = TempDir::new().unwrap();
+    let sled = open_sled(dir.path());
+    let memory = MemoryStorage::new();
+    let engines: [&dyn Storage; 2] = [&sled, &memory];
+    for storage in engines {
+        let before = storage.flush().unwrap();
+        let seq = storage
+            .write_aux(&[
+                hint(b"a/1", b"x"),
+                hint(b"a/2", b"y"),
+                hint(b"b/1", b"z"),
+                hint(b"a/3", b"w"),
+            ])
+            .unwrap();
+        assert!(
+            seq > before,
+            "an aux-only write takes a new sequence number"
+        );
+        let all = storage.aux_scan(AuxTable::Hints, b"a/", None, 10).unwrap();
+        let keys: Vec<&[u8]> = all.iter().map(|(k, _)| k.as_slice()).collect();
+        assert_eq!(keys, [&b"a/1"[..], b"a/2", b"a/3"]);
+        let page = storage
+            .aux_scan(AuxTable::Hints, b"a/", Some(b"a/1"), 1)
+            .unwrap();
+        assert_eq!(page, [(b"a/2".to_vec(), b"y".to_vec())]);
+        // A later write to the same key in one call wins; None deletes.
+        storage
+            .write_aux(&[
+                hint(b"a/2", b"first"),
+                hint(b"a/2", b"second"),
+                AuxWrite {
+                    table: AuxTable::Hints,
+                    key: b"a/1".to_vec(),
+                    value: None,
+                },
+            ])
+            .unwrap();
+        let all = storage.aux_scan(AuxTable::Hints, b"a/", None, 10).unwrap();
+        assert_eq!(
+            all,
+            [
+                (b"a/2".to_vec(), b"second".to_vec()),
+                (b"a/3".to_vec(), b"w".to_vec())
+            ]
+        );
+        assert!(storage
+            .aux_scan(AuxTable::MerkleDirty, b"", None, 10)
+            .unwrap()
+            .is_empty());
+        assert!(storage.flush().unwrap() >= seq);
+    }
+    // Unflushed aux-only writes are lost in a crash, like any write.
+    memory.write_aux(&[hint(b"c/1", b"volatile")]).unwrap();
+    memory.crash();
+    assert_eq!(memory.aux(AuxTable::Hints, b"c/1").unwrap(), None);
+    assert_eq!(
+        memory.aux(AuxTable::Hints, b"a/3").unwrap(),
+        Some(b"w".to_vec())
+    );
+}

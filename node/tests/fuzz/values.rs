@@ -225,15 +225,24 @@ pub fn peer_message() -> impl Strategy<Value = PeerMessage> {
     prop_oneof![
         (op(), request()).prop_map(|(op, request)| PeerMessage::Forward { op, request }),
         (op(), response()).prop_map(|(op, response)| PeerMessage::ForwardReply { op, response }),
-        (op(), keyspace(), bytes(32), key_state(), any::<bool>()).prop_map(
-            |(op, keyspace, key, state, durable)| PeerMessage::Replicate {
-                op,
-                keyspace,
-                key,
-                state: state.encode_canonical(),
-                durable
-            }
-        ),
+        (
+            op(),
+            keyspace(),
+            bytes(32),
+            key_state(),
+            any::<bool>(),
+            proptest::option::of(select(vec!["n1".to_string(), "n2".to_string()]))
+        )
+            .prop_map(|(op, keyspace, key, state, durable, hint_for)| {
+                PeerMessage::Replicate {
+                    op,
+                    keyspace,
+                    key,
+                    state: state.encode_canonical(),
+                    durable,
+                    hint_for,
+                }
+            }),
         op().prop_map(|op| PeerMessage::Applied { op }),
         op().prop_map(|op| PeerMessage::Durable { op }),
         (op(), keyspace(), bytes(32)).prop_map(|(op, keyspace, key)| PeerMessage::Read {
