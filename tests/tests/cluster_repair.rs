@@ -4,12 +4,15 @@
 //! repairing it, so the test can look at the stale replica before the read and watch it catch
 //! up after.
 //!
-//! Nothing else repairs the key here: the harness's connection probes write other keys, and
-//! no hinted handoff or anti-entropy runs in these nodes. (When they land, this test must keep
-//! them from reaching the key, or it no longer tells read repair apart.)
+//! Nothing else repairs the key here, or the test would not tell read repair apart: the
+//! harness's connection probes write other keys, and hinted handoff is kept out by a hint bound
+//! of zero bytes (`hints.bytes_per_target_max = 0`), so the coordinator drops the hint it would
+//! keep for the dead replica. (Anti-entropy, once it runs in the nodes, must be kept out too.)
 
 use quorumkv_client::protocol::{ReadOptions, Request, Response, CLIENT_ALPN};
 use quorumkv_client::{ReplicaAnswer, ReplicaCopy, WriteOptions, DEFAULT_KEYSPACE};
+use quorumkv_node::config::Config;
+use quorumkv_node::metrics::HINTS_DROPPED_TOTAL;
 use quorumkv_tests::cluster::{
     run_cli, wait_until, wait_until_async, within, CliOutput, ClusterOptions, RawConnection,
     TestCluster, PEER_UP,
@@ -26,6 +29,11 @@ const DOWN_DEADLINE: Duration = Duration::from_secs(60);
 /// How long the repaired replica may take to hold the current version: a bound on a hang, far
 /// above what a background repair needs (one message after the read's last answer).
 const REPAIR_DEADLINE: Duration = Duration::from_secs(30);
+
+/// No hint is kept for anyone: hinted handoff cannot bring the stale replica up to date.
+fn without_hints(_: usize, config: &mut Config) {
+    config.hints.bytes_per_target_max = 0;
+}
 
 fn admin_replicas(cluster: &TestCluster, key: &str, json: bool) -> CliOutput {
     let mut command = cluster.cli();
@@ -60,7 +68,11 @@ fn stored_values(copy: &ReplicaCopy) -> Option<Vec<String>> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_read_repairs_a_replica_that_missed_a_write_while_it_was_down() {
-    let mut cluster = TestCluster::start(3, ClusterOptions::default());
+    let options = ClusterOptions {
+        patch: Some(without_hints),
+        ..ClusterOptions::default()
+    };
+    let mut cluster = TestCluster::start(3, options);
     let key = "read-repair-key";
     let replicas = cluster.replicas(DEFAULT_KEYSPACE, key.as_bytes());
     assert_eq!(replicas.len(), 3, "N = 3 on three nodes");
@@ -105,6 +117,11 @@ async fn one_read_repairs_a_replica_that_missed_a_write_while_it_was_down() {
             .put(DEFAULT_KEYSPACE, key, b"v2".to_vec(), Some(&v1), two)
             .await
             .expect("v2 at W = 2 with one replica down");
+        let dropped = cluster.metric_total(HINTS_DROPPED_TOTAL, &[("reason", "bound")]);
+        assert!(
+            dropped >= 1.0,
+            "the coordinator kept no hint for the victim"
+        );
         cluster.restart(victim);
 
         // The restarted replica holds v1 only; the others hold v2.
