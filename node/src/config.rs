@@ -109,6 +109,9 @@ pub struct Config {
     /// Hinted handoff.
     #[serde(default)]
     pub hints: HintsConfig,
+    /// Background Merkle-tree exchanges between replicas.
+    #[serde(default)]
+    pub anti_entropy: AntiEntropy,
     /// Certificate and key files. Required.
     pub tls: TlsConfig,
     /// The static member list, this node included. Required.
@@ -240,6 +243,44 @@ impl Default for HintsConfig {
             bytes_per_target_max: core.hint_bytes_per_target_max,
             max_age_ms: core.hint_max_age_ms,
             delivery_batch: core.hint_delivery_batch,
+        }
+    }
+}
+
+/// Anti-entropy: replicas compare Merkle trees in the background and exchange the keys on which
+/// they differ (see `quorumkv_node::core::anti_entropy`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AntiEntropy {
+    /// Whether this node starts and serves exchanges. Trees are kept either way, so
+    /// `/sync-status` still shows whether replicas agree. Default true.
+    pub enabled: bool,
+    /// How often new exchanges start, in ms, with ±25% jitter. Each exchange covers one range
+    /// with one other replica, so a node cycles through its ranges in about
+    /// `ranges / exchanges_max * interval_ms`. Default 500.
+    pub interval_ms: u64,
+    /// Exchanges this node runs at once. Default 2.
+    pub exchanges_max: usize,
+    /// An exchange whose peer has not answered for this long (ms) is dropped. Default 10000.
+    pub exchange_timeout_ms: u64,
+    /// Throttle: keys sent and received per second over all of this node's exchanges, so
+    /// repair traffic does not crowd out clients. Default 10000.
+    pub keys_per_second_max: u64,
+    /// Keys scanned per 10 ms tick while Merkle trees are built from storage (at start); whole
+    /// ranges only. Default 20000.
+    pub build_keys_per_tick_max: u64,
+}
+
+impl Default for AntiEntropy {
+    fn default() -> AntiEntropy {
+        let core = crate::core::AntiEntropyConfig::default();
+        AntiEntropy {
+            enabled: core.enabled,
+            interval_ms: core.interval_ms,
+            exchanges_max: core.exchanges_max,
+            exchange_timeout_ms: core.exchange_timeout_ms,
+            keys_per_second_max: core.keys_per_second_max,
+            build_keys_per_tick_max: core.build_keys_per_tick_max,
         }
     }
 }
@@ -407,6 +448,36 @@ pub struct ConfigOverrides {
     /// `hints.delivery_batch`.
     #[arg(long, env = "QUORUMKV_HINTS_DELIVERY_BATCH", value_name = "N")]
     pub hints_delivery_batch: Option<usize>,
+    /// `anti_entropy.enabled`.
+    #[arg(long, env = "QUORUMKV_ANTI_ENTROPY_ENABLED", value_name = "BOOL")]
+    pub anti_entropy_enabled: Option<bool>,
+    /// `anti_entropy.interval_ms`.
+    #[arg(long, env = "QUORUMKV_ANTI_ENTROPY_INTERVAL_MS", value_name = "MS")]
+    pub anti_entropy_interval_ms: Option<u64>,
+    /// `anti_entropy.exchanges_max`.
+    #[arg(long, env = "QUORUMKV_ANTI_ENTROPY_EXCHANGES_MAX", value_name = "N")]
+    pub anti_entropy_exchanges_max: Option<usize>,
+    /// `anti_entropy.exchange_timeout_ms`.
+    #[arg(
+        long,
+        env = "QUORUMKV_ANTI_ENTROPY_EXCHANGE_TIMEOUT_MS",
+        value_name = "MS"
+    )]
+    pub anti_entropy_exchange_timeout_ms: Option<u64>,
+    /// `anti_entropy.keys_per_second_max`.
+    #[arg(
+        long,
+        env = "QUORUMKV_ANTI_ENTROPY_KEYS_PER_SECOND_MAX",
+        value_name = "N"
+    )]
+    pub anti_entropy_keys_per_second_max: Option<u64>,
+    /// `anti_entropy.build_keys_per_tick_max`.
+    #[arg(
+        long,
+        env = "QUORUMKV_ANTI_ENTROPY_BUILD_KEYS_PER_TICK_MAX",
+        value_name = "N"
+    )]
+    pub anti_entropy_build_keys_per_tick_max: Option<u64>,
     /// The cluster CA certificate (`tls.ca_cert`).
     #[arg(long, env = "QUORUMKV_TLS_CA_CERT", value_name = "FILE")]
     pub tls_ca_cert: Option<PathBuf>,
@@ -481,6 +552,24 @@ impl ConfigOverrides {
         )?;
         set.field("hints.max_age_ms", &self.hints_max_age_ms)?;
         set.field("hints.delivery_batch", &self.hints_delivery_batch)?;
+        set.field("anti_entropy.enabled", &self.anti_entropy_enabled)?;
+        set.field("anti_entropy.interval_ms", &self.anti_entropy_interval_ms)?;
+        set.field(
+            "anti_entropy.exchanges_max",
+            &self.anti_entropy_exchanges_max,
+        )?;
+        set.field(
+            "anti_entropy.exchange_timeout_ms",
+            &self.anti_entropy_exchange_timeout_ms,
+        )?;
+        set.field(
+            "anti_entropy.keys_per_second_max",
+            &self.anti_entropy_keys_per_second_max,
+        )?;
+        set.field(
+            "anti_entropy.build_keys_per_tick_max",
+            &self.anti_entropy_build_keys_per_tick_max,
+        )?;
         set.field("tls.ca_cert", &self.tls_ca_cert)?;
         set.field("tls.cert", &self.tls_cert)?;
         set.field("tls.key", &self.tls_key)?;
@@ -758,6 +847,7 @@ impl Config {
         self.validate_keyspaces()?;
         self.validate_timeouts()?;
         self.validate_limits()?;
+        self.validate_anti_entropy()?;
         self.validate_paths()
     }
 
@@ -995,6 +1085,25 @@ impl Config {
                     l.inbox_bytes_max, l.frame_bytes_max
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_anti_entropy(&self) -> Result<()> {
+        let a = &self.anti_entropy;
+        for (field, value) in [
+            ("anti_entropy.interval_ms", a.interval_ms),
+            ("anti_entropy.exchanges_max", a.exchanges_max as u64),
+            ("anti_entropy.exchange_timeout_ms", a.exchange_timeout_ms),
+            ("anti_entropy.keys_per_second_max", a.keys_per_second_max),
+            (
+                "anti_entropy.build_keys_per_tick_max",
+                a.build_keys_per_tick_max,
+            ),
+        ] {
+            if value == 0 {
+                return Err(config_error(field, "must be at least 1"));
+            }
         }
         Ok(())
     }
@@ -1327,6 +1436,18 @@ mod tests {
             "24",
             "--hints-delivery-batch",
             "25",
+            "--anti-entropy-enabled",
+            "false",
+            "--anti-entropy-interval-ms",
+            "31",
+            "--anti-entropy-exchanges-max",
+            "32",
+            "--anti-entropy-exchange-timeout-ms",
+            "33",
+            "--anti-entropy-keys-per-second-max",
+            "34",
+            "--anti-entropy-build-keys-per-tick-max",
+            "35",
             "--tls-ca-cert",
             "/c/ca.pem",
             "--tls-cert",
@@ -1375,6 +1496,14 @@ mod tests {
                 bytes_per_target_max: 23,
                 max_age_ms: 24,
                 delivery_batch: 25,
+            },
+            anti_entropy: AntiEntropy {
+                enabled: false,
+                interval_ms: 31,
+                exchanges_max: 32,
+                exchange_timeout_ms: 33,
+                keys_per_second_max: 34,
+                build_keys_per_tick_max: 35,
             },
             tls: TlsConfig {
                 ca_cert: "/c/ca.pem".into(),

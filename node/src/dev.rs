@@ -193,6 +193,7 @@ pub fn prepare(dir: &Path, count: usize, ports: &Ports, ranges: u32) -> Result<L
             timeouts: local_timeouts(),
             limits: Limits::default(),
             hints: Default::default(),
+            anti_entropy: Default::default(),
             tls: TlsConfig {
                 ca_cert: ca.cert.clone(),
                 cert: node_certs.cert.clone(),
@@ -276,6 +277,23 @@ pub fn scrape_metrics(admin: SocketAddr) -> Result<String> {
         .map_err(|e| Error::Config {
             field: "admin_listen".into(),
             reason: format!("scraping http://{admin}/metrics: {e}"),
+        })
+}
+
+/// The body of `http://{admin}{path}` on a node's admin server (for example `/sync-status`),
+/// failing on any status but 200.
+pub fn admin_get(admin: SocketAddr, path: &str) -> Result<String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(2)))
+        .build()
+        .into();
+    agent
+        .get(format!("http://{admin}{path}"))
+        .call()
+        .and_then(|mut response| response.body_mut().read_to_string())
+        .map_err(|e| Error::Config {
+            field: "admin_listen".into(),
+            reason: format!("reading http://{admin}{path}: {e}"),
         })
 }
 

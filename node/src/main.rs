@@ -12,8 +12,8 @@
 //! - `quorumkv dev [--nodes 3] [--dir DIR]`: run a local cluster on loopback.
 //! - `quorumkv put KEY VALUE`, `get KEY`, `delete KEY`: talk to a cluster (see
 //!   `quorumkv_node::cli_client` for flags, output formats and exit codes).
-//! - `quorumkv admin replicas KEY`: inspect a cluster without changing it (see
-//!   `quorumkv_node::cli_admin`).
+//! - `quorumkv admin replicas KEY`, `admin sync-status --admin ADDR,...`: inspect a cluster
+//!   without changing it (see `quorumkv_node::cli_admin`).
 //!
 //! Exit status: 0 on success; 2 for usage errors and invalid input (bad flags, a bad or
 //! missing config, an invalid name, certificate files that are missing or do not fit the

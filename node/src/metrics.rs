@@ -57,6 +57,21 @@ pub const HINTS_PENDING: &str = "quorumkv_hints_pending";
 /// Bytes of hints this node holds, per owner.
 pub const HINTS_PENDING_BYTES: &str = "quorumkv_hints_pending_bytes";
 
+/// Anti-entropy exchanges this node started, by outcome (`in_sync`, `repaired`, `failed`,
+/// `timeout`).
+pub const ANTI_ENTROPY_EXCHANGES_TOTAL: &str = "quorumkv_anti_entropy_exchanges_total";
+/// Ranges whose roots differed when this node compared them with a replica.
+pub const ANTI_ENTROPY_RANGES_DIFFERENT_TOTAL: &str =
+    "quorumkv_anti_entropy_ranges_different_total";
+/// Keys whose stored state changed by an anti-entropy merge on this node.
+pub const ANTI_ENTROPY_KEYS_REPAIRED_TOTAL: &str = "quorumkv_anti_entropy_keys_repaired_total";
+/// Seconds since the range this node replicates that it exchanged least recently was last
+/// exchanged (or since start, for one never exchanged).
+pub const ANTI_ENTROPY_OLDEST_UNEXCHANGED_SECONDS: &str =
+    "quorumkv_anti_entropy_oldest_unexchanged_seconds";
+/// Ranges whose Merkle tree is not built yet (after start, or after a tree was found wrong).
+pub const ANTI_ENTROPY_RANGES_UNBUILT: &str = "quorumkv_anti_entropy_ranges_unbuilt";
+
 /// Latency buckets in seconds: 100 µs to 10 s, roughly ×2.5 apart. Explicit, so histograms
 /// from different nodes and versions aggregate.
 pub const LATENCY_BUCKETS_SECONDS: &[f64] = &[
@@ -140,6 +155,27 @@ pub fn describe() {
         HINTS_PENDING_BYTES,
         Unit::Bytes,
         "Bytes of hints held for an owner (target)."
+    );
+    describe_counter!(
+        ANTI_ENTROPY_EXCHANGES_TOTAL,
+        "Anti-entropy exchanges this node started, by outcome."
+    );
+    describe_counter!(
+        ANTI_ENTROPY_RANGES_DIFFERENT_TOTAL,
+        "Ranges whose Merkle roots differed from a replica's at an exchange."
+    );
+    describe_counter!(
+        ANTI_ENTROPY_KEYS_REPAIRED_TOTAL,
+        "Keys whose stored state an anti-entropy merge changed on this node."
+    );
+    describe_gauge!(
+        ANTI_ENTROPY_OLDEST_UNEXCHANGED_SECONDS,
+        Unit::Seconds,
+        "Age of the least recently exchanged range this node replicates."
+    );
+    describe_gauge!(
+        ANTI_ENTROPY_RANGES_UNBUILT,
+        "Ranges whose Merkle tree is still to be built from storage."
     );
 }
 
@@ -229,4 +265,31 @@ pub fn hints_pending(target: &str, count: u64, bytes: u64) {
 /// Requests in flight at this node now.
 pub fn in_flight(count: usize) {
     gauge!(IN_FLIGHT_REQUESTS).set(count as f64);
+}
+
+/// An anti-entropy exchange ended with `outcome`.
+pub fn anti_entropy_exchange(outcome: &'static str) {
+    counter!(ANTI_ENTROPY_EXCHANGES_TOTAL, "outcome" => outcome).increment(1);
+}
+
+/// An exchange found a range's roots different.
+pub fn anti_entropy_range_different() {
+    counter!(ANTI_ENTROPY_RANGES_DIFFERENT_TOTAL).increment(1);
+}
+
+/// Anti-entropy merges changed `keys` keys here.
+pub fn anti_entropy_keys_repaired(keys: u64) {
+    if keys > 0 {
+        counter!(ANTI_ENTROPY_KEYS_REPAIRED_TOTAL).increment(keys);
+    }
+}
+
+/// The least recently exchanged range was exchanged `seconds` ago.
+pub fn anti_entropy_oldest_unexchanged(seconds: f64) {
+    gauge!(ANTI_ENTROPY_OLDEST_UNEXCHANGED_SECONDS).set(seconds);
+}
+
+/// Ranges whose tree is not built yet.
+pub fn anti_entropy_ranges_unbuilt(ranges: usize) {
+    gauge!(ANTI_ENTROPY_RANGES_UNBUILT).set(ranges as f64);
 }

@@ -18,6 +18,7 @@
 //! with validation on arrival; a replica that receives a corrupt state answers with an error
 //! instead of storing it.
 
+use crate::merkle::Level;
 use quorumkv_client::protocol::{Request, Response};
 use serde::{Deserialize, Serialize};
 
@@ -95,6 +96,48 @@ pub enum PeerMessage {
     Ping { nonce: u64 },
     /// Answer to a [`PeerMessage::Ping`].
     Pong { nonce: u64 },
+    /// Anti-entropy (`crate::core::anti_entropy`): send me the non-empty nodes of your Merkle
+    /// tree of (`keyspace`, `range`) at `level` below `parents` (at most
+    /// `anti_entropy::PARENTS_PER_REQUEST_MAX` of them), in trees `depth` levels deep. Answered
+    /// with [`PeerMessage::AeLevelReply`] or [`PeerMessage::Failed`].
+    AeLevel {
+        op: OpId,
+        keyspace: String,
+        range: u32,
+        depth: u8,
+        level: u8,
+        parents: Vec<u32>,
+    },
+    /// The answer to a [`PeerMessage::AeLevel`]; checked with `Level::validate_reply`.
+    AeLevelReply { op: OpId, level: Level },
+    /// Anti-entropy: here is my state of every key of (`keyspace`, `range`) whose token lies
+    /// in one of `intervals` (inclusive, sorted, disjoint); merge them, and answer with
+    /// [`PeerMessage::AePushReply`] carrying your states that I lack in those intervals.
+    AePush {
+        op: OpId,
+        keyspace: String,
+        range: u32,
+        intervals: Vec<(u64, u64)>,
+        keys: Vec<AeKey>,
+    },
+    /// The answer to a [`PeerMessage::AePush`]: the replica's states of the keys in the pushed
+    /// intervals that the pusher lacks (absent from the push, or merged into something the
+    /// push did not hold), in token order. `resume_from` is set when the frame budget cut the
+    /// answer short: every key below that token was sent, and the pusher continues from it.
+    AePushReply {
+        op: OpId,
+        keys: Vec<AeKey>,
+        resume_from: Option<u64>,
+    },
+}
+
+/// One key and its state (canonical encoding) in an anti-entropy push or its answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AeKey {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub state: Vec<u8>,
 }
 
 impl PeerMessage {
@@ -105,7 +148,9 @@ impl PeerMessage {
         match self {
             PeerMessage::Forward { op, .. }
             | PeerMessage::Replicate { op, .. }
-            | PeerMessage::Read { op, .. } => Some(*op),
+            | PeerMessage::Read { op, .. }
+            | PeerMessage::AeLevel { op, .. }
+            | PeerMessage::AePush { op, .. } => Some(*op),
             _ => None,
         }
     }
@@ -123,6 +168,10 @@ impl PeerMessage {
             PeerMessage::Failed { .. } => "failed",
             PeerMessage::Ping { .. } => "ping",
             PeerMessage::Pong { .. } => "pong",
+            PeerMessage::AeLevel { .. } => "ae_level",
+            PeerMessage::AeLevelReply { .. } => "ae_level_reply",
+            PeerMessage::AePush { .. } => "ae_push",
+            PeerMessage::AePushReply { .. } => "ae_push_reply",
         }
     }
 }

@@ -981,6 +981,13 @@ impl TestCluster {
         metric_sum(&self.metrics(index), name, labels)
     }
 
+    /// Node `index`'s `/sync-status`: a digest of every range's Merkle root (see
+    /// `quorumkv_node::core::SyncStatus`), or `None` while it cannot answer.
+    pub fn sync_status(&self, index: usize) -> Option<serde_json::Value> {
+        let text = dev::admin_get(self.local.nodes[index].admin(), "/sync-status").ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
     /// [`TestCluster::metric`] summed over every running node.
     pub fn metric_total(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         (0..self.len())

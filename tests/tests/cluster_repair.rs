@@ -5,9 +5,10 @@
 //! up after.
 //!
 //! Nothing else repairs the key here, or the test would not tell read repair apart: the
-//! harness's connection probes write other keys, and hinted handoff is kept out by a hint bound
+//! harness's connection probes write other keys, hinted handoff is kept out by a hint bound
 //! of zero bytes (`hints.bytes_per_target_max = 0`), so the coordinator drops the hint it would
-//! keep for the dead replica. (Anti-entropy, once it runs in the nodes, must be kept out too.)
+//! keep for the dead replica, and anti-entropy is switched off (`anti_entropy.enabled =
+//! false`).
 
 use quorumkv_client::protocol::{ReadOptions, Request, Response, CLIENT_ALPN};
 use quorumkv_client::{ReplicaAnswer, ReplicaCopy, WriteOptions, DEFAULT_KEYSPACE};
@@ -30,9 +31,11 @@ const DOWN_DEADLINE: Duration = Duration::from_secs(60);
 /// above what a background repair needs (one message after the read's last answer).
 const REPAIR_DEADLINE: Duration = Duration::from_secs(30);
 
-/// No hint is kept for anyone: hinted handoff cannot bring the stale replica up to date.
+/// No hint is kept for anyone and no exchange runs: neither hinted handoff nor anti-entropy
+/// can bring the stale replica up to date.
 fn without_hints(_: usize, config: &mut Config) {
     config.hints.bytes_per_target_max = 0;
+    config.anti_entropy.enabled = false;
 }
 
 fn admin_replicas(cluster: &TestCluster, key: &str, json: bool) -> CliOutput {

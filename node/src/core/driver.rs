@@ -21,7 +21,7 @@
 //! The deterministic simulation (`quorumkv-tests`) drives the same cores with seeded delays,
 //! losses and crashes; this driver is for hand-written scenarios of one mechanism at a time.
 
-use super::{ClientHandle, ClusterMap, CoreConfig, Input, NodeCore, Now, Output};
+use super::{ClientHandle, ClusterMap, CoreConfig, Input, NodeCore, Now, Output, SyncStatus};
 use crate::peer::PeerMessage;
 use crate::storage::memory::MemoryStorage;
 use crate::storage::Storage;
@@ -62,6 +62,15 @@ pub struct Driver {
     replies: BTreeMap<ClientHandle, Response>,
     next_handle: u64,
     next_request: u64,
+    /// Anti-entropy messages sent so far, by kind: (messages, frame bytes).
+    traffic: BTreeMap<&'static str, Traffic>,
+}
+
+/// Messages of one kind and their encoded size, as the QUIC transport would frame them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub messages: u64,
+    pub bytes: u64,
 }
 
 impl Driver {
@@ -95,6 +104,7 @@ impl Driver {
             replies: BTreeMap::new(),
             next_handle: 1,
             next_request: 1,
+            traffic: BTreeMap::new(),
         };
         for id in ids {
             driver.nodes.insert(
@@ -366,6 +376,46 @@ impl Driver {
         self.settle();
     }
 
+    /// Anti-entropy messages sent since the last [`Driver::reset_traffic`], by kind
+    /// (`ae_level`, `ae_level_reply`, `ae_push`, `ae_push_reply`).
+    pub fn traffic(&self) -> &BTreeMap<&'static str, Traffic> {
+        &self.traffic
+    }
+
+    /// Anti-entropy messages and bytes over all kinds.
+    pub fn traffic_total(&self) -> Traffic {
+        self.traffic
+            .values()
+            .fold(Traffic::default(), |sum, t| Traffic {
+                messages: sum.messages + t.messages,
+                bytes: sum.bytes + t.bytes,
+            })
+    }
+
+    /// Forgets the traffic counted so far.
+    pub fn reset_traffic(&mut self) {
+        self.traffic.clear();
+    }
+
+    /// `node`'s digest of its Merkle roots.
+    pub fn sync_status(&self, node: &NodeId) -> SyncStatus {
+        self.core(node).expect("running").sync_status()
+    }
+
+    /// Starts an anti-entropy exchange of `range` from `node` with `peer` now (see
+    /// [`NodeCore::start_exchange`]); false if the core would not start one.
+    pub fn exchange(&mut self, node: &NodeId, range: u32, peer: &NodeId) -> bool {
+        let now = self.now();
+        let driven = self.nodes.get_mut(node).expect("known node");
+        let Some(core) = driven.core.as_mut() else {
+            return false;
+        };
+        let mut out = Vec::new();
+        let started = core.start_exchange(now, KEYSPACE, range, peer, &mut out);
+        self.dispatch(node, out);
+        started
+    }
+
     /// Stops `node` without warning: its core is gone and unflushed writes are lost.
     pub fn crash(&mut self, node: &NodeId) {
         let driven = self.nodes.get_mut(node).expect("known node");
@@ -427,12 +477,24 @@ impl Driver {
         };
         let mut out = Vec::new();
         core.handle(now, input, driven.storage.as_ref(), &mut out);
+        self.dispatch(node, out);
+    }
+
+    fn dispatch(&mut self, node: &NodeId, out: Vec<Output>) {
         for output in out {
             match output {
                 Output::Reply { handle, response } => {
                     self.replies.insert(handle, response);
                 }
                 Output::Send { to, message } => {
+                    let kind = message.kind();
+                    if kind.starts_with("ae_") {
+                        let bytes = quorumkv_client::frame::encode_frame(&message, u32::MAX)
+                            .map_or(0, |frame| frame.len() as u64);
+                        let traffic = self.traffic.entry(kind).or_default();
+                        traffic.messages += 1;
+                        traffic.bytes += bytes;
+                    }
                     self.in_flight.push_back((node.clone(), to, message));
                 }
                 Output::Flush => {

@@ -64,10 +64,12 @@
 //! | `hints` | sloppy quorum placement, hints kept for owners that missed writes, their delivery |
 //! | `inspect` | what each replica of a key stores, asked without repairing (`admin replicas`) |
 //! | `liveness` | ticks: pings, peers found down, expired requests |
+//! | [`anti_entropy`] | Merkle trees kept with every write, built at start; background exchanges between replicas |
 //! | [`detector`] | the failure detector itself |
 //! | [`driver`] | a deterministic multi-core test driver, for scenarios that read as stories |
 
 mod admission;
+pub mod anti_entropy;
 mod coordinate;
 pub mod detector;
 pub mod driver;
@@ -84,6 +86,8 @@ use crate::peer::{OpId, PeerMessage};
 use crate::quorum::{ReplicaProgress, Shortfall, Tally};
 use crate::storage::{AuxWrite, Merged, Storage, WriteSeq};
 use crate::version_vector::{ActorClock, KeyState};
+use anti_entropy::AntiEntropy;
+pub use anti_entropy::{AntiEntropyConfig, KeyspaceSync, SyncStatus};
 use detector::{FailureDetector, Liveness, Transition};
 pub use hints::{HintRecord, HintTotals};
 use quorumkv_client::protocol::{
@@ -150,6 +154,8 @@ pub struct CoreConfig {
     pub hint_max_age_ms: u64,
     /// Hints delivered to one owner at a time.
     pub hint_delivery_batch: usize,
+    /// Background Merkle-tree exchanges between replicas (`[anti_entropy]`).
+    pub anti_entropy: AntiEntropyConfig,
 }
 
 impl Default for CoreConfig {
@@ -168,6 +174,7 @@ impl Default for CoreConfig {
             hint_bytes_per_target_max: 256 * 1024 * 1024,
             hint_max_age_ms: 3 * 60 * 60 * 1000,
             hint_delivery_batch: 64,
+            anti_entropy: AntiEntropyConfig::default(),
         }
     }
 }
@@ -366,6 +373,8 @@ pub struct NodeCore {
     /// This node's stale copies found by reads, merged at the end of the current input.
     local_repairs: Vec<(String, Vec<u8>, KeyState)>,
     hints: hints::Hints,
+    /// The Merkle trees and the exchanges of anti-entropy.
+    anti_entropy: AntiEntropy,
 }
 
 impl NodeCore {
@@ -388,6 +397,13 @@ impl NodeCore {
             config.ping_interval_ms,
             config.peer_down_after_ms,
         );
+        let anti_entropy = AntiEntropy::new(
+            config.anti_entropy.clone(),
+            map.ring.range_count(),
+            map.keyspaces.keys().cloned(),
+            instance,
+            now.monotonic_ms,
+        );
         NodeCore {
             me,
             map,
@@ -405,6 +421,7 @@ impl NodeCore {
             lingering: BTreeSet::new(),
             local_repairs: Vec::new(),
             hints: hints::Hints::default(),
+            anti_entropy,
         }
     }
 
@@ -441,7 +458,10 @@ impl NodeCore {
     /// When the core next needs an [`Input::Tick`] (monotonic ms), if ever.
     pub fn next_deadline_ms(&self) -> Option<u64> {
         let op = self.deadlines.first().map(|(deadline, _)| *deadline);
-        op.into_iter().chain(self.detector.next_deadline_ms()).min()
+        op.into_iter()
+            .chain(self.detector.next_deadline_ms())
+            .chain(self.anti_entropy.next_deadline_ms())
+            .min()
     }
 
     /// Handles one input, appending what the shell must do to `out`.
@@ -460,7 +480,11 @@ impl NodeCore {
             Input::FlushFailed { reason } => self.on_flush_failed(&reason, out),
             Input::SendFailed { to, ops } => {
                 for op in ops {
-                    self.on_progress(op, &to, ReplicaProgress::Failed, out);
+                    if self.ae_owns(op) {
+                        self.ae_failed(op, &to, now);
+                    } else {
+                        self.on_progress(op, &to, ReplicaProgress::Failed, out);
+                    }
                 }
             }
             Input::PeerCongested { node, congested } => {
@@ -474,6 +498,7 @@ impl NodeCore {
             Input::Tick => {
                 self.on_tick(now, out);
                 self.deliver_hints(now, storage, out);
+                self.ae_tick(now, storage, out);
             }
         }
         if !self.local_repairs.is_empty() {
@@ -635,7 +660,11 @@ impl NodeCore {
         state: &KeyState,
         aux: &[AuxWrite],
     ) -> crate::Result<Merged> {
-        storage.merge(keyspace, key, state, aux)
+        let merged = storage.merge(keyspace, key, state, aux)?;
+        if merged.changed {
+            self.ae_on_stored(keyspace, key, merged.old_hash.as_ref(), &merged.new_hash);
+        }
+        Ok(merged)
     }
 }
 

@@ -56,6 +56,10 @@ impl NodeCore {
             PeerMessage::Durable { op } => {
                 self.on_progress(op, &from, ReplicaProgress::Durable, out)
             }
+            PeerMessage::Failed { op, reason } if self.ae_owns(op) => {
+                tracing::debug!(peer = %from, %reason, "peer refused an anti-entropy request");
+                self.ae_failed(op, &from, now)
+            }
             PeerMessage::Failed { op, reason } => {
                 tracing::warn!(peer = %from, %reason, "replica failed an operation");
                 if self.is_inspection(op) {
@@ -102,6 +106,29 @@ impl NodeCore {
             }),
             PeerMessage::Ping { .. } => {}
             PeerMessage::Pong { .. } => {}
+            PeerMessage::AeLevel {
+                op,
+                keyspace,
+                range,
+                depth,
+                level,
+                parents,
+            } => self.on_ae_level(from, op, &keyspace, range, depth, level, &parents, out),
+            PeerMessage::AeLevelReply { op, level } => {
+                self.on_ae_level_reply(now, from, op, level, storage, out)
+            }
+            PeerMessage::AePush {
+                op,
+                keyspace,
+                range,
+                intervals,
+                keys,
+            } => self.on_ae_push(from, op, &keyspace, range, &intervals, keys, storage, out),
+            PeerMessage::AePushReply {
+                op,
+                keys,
+                resume_from,
+            } => self.on_ae_push_reply(now, from, op, keys, resume_from, storage, out),
         }
     }
 

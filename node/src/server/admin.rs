@@ -6,8 +6,13 @@
 //!   configuration); 503 before that and while shutting down. `quorumkv dev` and the test
 //!   harness wait on it.
 //! * `/metrics` renders the Prometheus exposition format from the recorder installed at start.
+//! * `/sync-status` answers JSON: this node's digest of every range's Merkle root
+//!   ([`crate::core::SyncStatus`]), as the core last published it (within a tick of the latest
+//!   change), so a script can tell when replicas have converged: equal roots for a range on all
+//!   its replicas. 503 until the core has published once.
 
 use crate::error::{Error, Result};
+use crate::server::core_task::SharedSyncStatus;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -23,6 +28,7 @@ struct AdminState {
     /// Ready when every flag is true (started, and the core in service).
     ready: Vec<Arc<AtomicBool>>,
     prometheus: Option<PrometheusHandle>,
+    sync_status: SharedSyncStatus,
 }
 
 /// A running admin server.
@@ -44,12 +50,18 @@ pub async fn serve(
     address: SocketAddr,
     ready: Vec<Arc<AtomicBool>>,
     prometheus: Option<PrometheusHandle>,
+    sync_status: SharedSyncStatus,
 ) -> Result<AdminServer> {
-    let state = AdminState { ready, prometheus };
+    let state = AdminState {
+        ready,
+        prometheus,
+        sync_status,
+    };
     let router = Router::new()
         .route("/health", get(|| async { "ok\n" }))
         .route("/ready", get(ready_handler))
         .route("/metrics", get(metrics_handler))
+        .route("/sync-status", get(sync_status_handler))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(address)
         .await
@@ -85,5 +97,21 @@ async fn metrics_handler(State(state): State<AdminState>) -> (StatusCode, String
     match &state.prometheus {
         Some(handle) => (StatusCode::OK, handle.render()),
         None => (StatusCode::OK, String::new()),
+    }
+}
+
+async fn sync_status_handler(State(state): State<AdminState>) -> (StatusCode, String) {
+    let status = state
+        .sync_status
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    match status.map(|status| serde_json::to_string_pretty(&status)) {
+        Some(Ok(json)) => (StatusCode::OK, json + "\n"),
+        Some(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the core has not published its trees yet\n".to_owned(),
+        ),
     }
 }

@@ -33,7 +33,7 @@
 //! time. Because the core asks for a new flush only when the previous one has finished, every
 //! durable write that arrives during a flush shares the next one.
 
-use crate::core::{ClientHandle, Input, NodeCore, Now, Output};
+use crate::core::{ClientHandle, Input, NodeCore, Now, Output, SyncStatus};
 use crate::metrics;
 use crate::storage::Storage;
 use crate::transport::Transport;
@@ -45,6 +45,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+/// The latest [`SyncStatus`] the core task published, for the admin server's `/sync-status`.
+pub type SharedSyncStatus = Arc<Mutex<Option<SyncStatus>>>;
+
+/// How often, at most, the core task republishes the sync status while trees change. Between
+/// changes it publishes nothing; after the last change it publishes on the next tick.
+const SYNC_STATUS_EVERY_MS: u64 = 200;
 
 /// Replies the core has not produced yet, by client handle.
 type Pending = Arc<Mutex<HashMap<ClientHandle, oneshot::Sender<Response>>>>;
@@ -249,6 +256,8 @@ pub struct RunningCore {
     /// False once the core took itself out of service (see `NodeCore::in_service`); `/ready`
     /// reads it.
     pub in_service: Arc<AtomicBool>,
+    /// Every range's Merkle root, as of the latest publication; `/sync-status` reads it.
+    pub sync_status: SharedSyncStatus,
 }
 
 /// Starts the core task and its flusher. The core stops when `stop` turns true.
@@ -270,10 +279,13 @@ pub fn spawn(
         stop.clone(),
     ));
     let in_service = Arc::new(AtomicBool::new(true));
+    let sync_status = SharedSyncStatus::default();
     let shell = Shell {
         storage,
         transport,
         in_service: in_service.clone(),
+        sync_status: sync_status.clone(),
+        published: Mutex::new(None),
         pending: pending.clone(),
         flush_wanted,
         clock_origin,
@@ -287,6 +299,7 @@ pub fn spawn(
         },
         task,
         in_service,
+        sync_status,
     }
 }
 
@@ -306,6 +319,9 @@ struct Shell {
     storage: Arc<dyn Storage>,
     transport: Arc<dyn Transport>,
     in_service: Arc<AtomicBool>,
+    sync_status: SharedSyncStatus,
+    /// The tree generation and time (monotonic ms) of the last sync status published.
+    published: Mutex<Option<(u64, u64)>>,
     pending: Pending,
     flush_wanted: Arc<Notify>,
     clock_origin: Instant,
@@ -344,7 +360,10 @@ impl Shell {
 
     /// Feeds one input to the core and carries out what it asks for.
     fn step(&self, core: &mut NodeCore, input: Input, out: &mut Vec<Output>) {
-        core.handle(now(self.clock_origin), input, self.storage.as_ref(), out);
+        let tick = matches!(input, Input::Tick);
+        let at = now(self.clock_origin);
+        core.handle(at, input, self.storage.as_ref(), out);
+        self.publish_sync_status(core, at.monotonic_ms, tick);
         for output in out.drain(..) {
             match output {
                 Output::Reply { handle, response } => {
@@ -360,6 +379,24 @@ impl Shell {
         metrics::in_flight(core.in_flight());
         if !core.in_service() {
             self.in_service.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Shell {
+    /// Publishes the trees' roots when they changed, at most every [`SYNC_STATUS_EVERY_MS`]
+    /// (and at any tick), so serving `/sync-status` never waits for the core and a busy core
+    /// does not rebuild the status on every write.
+    fn publish_sync_status(&self, core: &NodeCore, now_ms: u64, tick: bool) {
+        let generation = core.merkle_generation();
+        let mut published = lock(&self.published);
+        let due = match *published {
+            None => true,
+            Some((seen, at)) => seen != generation && (tick || now_ms >= at + SYNC_STATUS_EVERY_MS),
+        };
+        if due {
+            *lock(&self.sync_status) = Some(core.sync_status());
+            *published = Some((generation, now_ms));
         }
     }
 }

@@ -89,6 +89,14 @@ pub fn core_config(config: &Config) -> CoreConfig {
         hint_bytes_per_target_max: config.hints.bytes_per_target_max,
         hint_max_age_ms: config.hints.max_age_ms,
         hint_delivery_batch: config.hints.delivery_batch.max(1),
+        anti_entropy: crate::core::AntiEntropyConfig {
+            enabled: config.anti_entropy.enabled,
+            interval_ms: config.anti_entropy.interval_ms,
+            exchanges_max: config.anti_entropy.exchanges_max,
+            exchange_timeout_ms: config.anti_entropy.exchange_timeout_ms,
+            keys_per_second_max: config.anti_entropy.keys_per_second_max,
+            build_keys_per_tick_max: config.anti_entropy.build_keys_per_tick_max,
+        },
     }
 }
 
@@ -183,6 +191,7 @@ pub async fn run(
         config.admin_listen,
         vec![ready.clone(), running.in_service.clone()],
         prometheus,
+        running.sync_status.clone(),
     )
     .await?;
     let listener = tokio::spawn(listener::accept(
