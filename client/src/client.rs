@@ -92,7 +92,7 @@ use crate::error::{Error, Result};
 use crate::failover::{Failover, Kind, Plan};
 use crate::health::{DownBackoff, Health, NodeStats, RouteState};
 use crate::protocol::{
-    ReadOptions, Request, RequestId, Response, SiblingValue, WriteOptions,
+    ReadOptions, ReplicaCopy, Request, RequestId, Response, SiblingValue, WriteOptions,
     DEFAULT_REQUEST_TIMEOUT_MS, REQUEST_TIMEOUT_MAX_MS,
 };
 use crate::route::{backoff_delay, Topology};
@@ -161,7 +161,7 @@ pub struct GetResult {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ClientStats {
-    /// Requests started (each `get`, `put`, `delete` and cluster refresh is one).
+    /// Requests started (each `get`, `put`, `delete`, `replicas` and cluster refresh is one).
     pub requests: u64,
     /// Reads sent to a second target because the first had not answered in time.
     pub hedges: u64,
@@ -512,6 +512,38 @@ impl Client {
             .await
     }
 
+    /// What every replica of `key` stores, each read directly from that replica, in
+    /// preference-list order (admin inspection, `quorumkv admin replicas`). Unlike
+    /// [`Client::get`] it triggers no read repair and changes nothing, so it shows a stale
+    /// replica as stale. A replica that failed or did not answer in time is an entry saying so
+    /// ([`ReplicaAnswer::Failed`](crate::ReplicaAnswer::Failed),
+    /// [`ReplicaAnswer::TimedOut`](crate::ReplicaAnswer::TimedOut)), not an error.
+    ///
+    /// Any node can answer; the request goes to the key's replicas first, like a read.
+    pub async fn replicas(
+        &self,
+        keyspace: &str,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Vec<ReplicaCopy>> {
+        let key = key.as_ref();
+        let request = Request::Replicas {
+            keyspace: keyspace.to_string(),
+            key: key.to_vec(),
+        };
+        let targets = self.targets_for_key(keyspace, key);
+        let timeout = self.attempt_timeout(None);
+        // Never hedged, like a write: an inspection waits for every replica, up to the node's
+        // timeout when one is silent, so it is slow by design; a hedge would only double it,
+        // and its latency must not teach the read hedging delay.
+        match self
+            .execute(&request, targets, Kind::Write, timeout)
+            .await?
+        {
+            Response::Replicas(copies) => Ok(copies),
+            other => Err(unexpected("Replicas", &other)),
+        }
+    }
+
     /// Asks a node for the ring, the node addresses, the keyspaces and the coordinator timeout,
     /// and routes by them from now on. Known nodes are asked first, then the seeds.
     pub async fn refresh_cluster_info(&self) -> Result<()> {
@@ -778,6 +810,7 @@ fn unexpected(expected: &str, found: &Response) -> Error {
         Response::Got { .. } => "Got",
         Response::Written { .. } => "Written",
         Response::ClusterInfo(_) => "ClusterInfo",
+        Response::Replicas(_) => "Replicas",
         Response::Error(_) => "Error",
     };
     Error::UnexpectedResponse {

@@ -61,7 +61,8 @@ pub(crate) type AttemptId = usize;
 pub(crate) enum Kind {
     /// Idempotent and without effects (`Get`, `ClusterInfo`): may be hedged.
     Read,
-    /// `Put` and `Delete`: one node at a time.
+    /// `Put` and `Delete`: one node at a time. Also `Replicas`, which has no effects but waits
+    /// for every replica by design, so hedging it would only double its cost.
     Write,
 }
 

@@ -54,6 +54,7 @@ pub use context::Context;
 pub use error::{exit_code, Error, Result};
 pub use health::NodeStats;
 pub use protocol::{
-    ReadOptions, ReadRepair, RequestId, SiblingValue, WriteOptions, DEFAULT_KEYSPACE,
+    ReadOptions, ReadRepair, ReplicaAnswer, ReplicaCopy, ReplicaRole, RequestId, SiblingValue,
+    StoredCopy, WriteOptions, DEFAULT_KEYSPACE,
 };
 pub use tls::TlsIdentity;

@@ -11,9 +11,15 @@
 //!
 //! Quorum options are per request. A field left `None` falls back to the keyspace default
 //! (R = W = a majority of the keyspace's N, `dw` = 1).
+//!
+//! [`Request::Replicas`] is an operator's inspection, not a data request: it shows what each
+//! replica of a key stores, read directly from each replica, without the read repair a
+//! [`Request::Get`] triggers and without writing anything. An older node does not know it and
+//! refuses the frame as malformed.
 
 use crate::context::Context;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// ALPN protocol name of the client protocol.
@@ -136,6 +142,17 @@ pub enum Request {
     },
     /// Ask for the ring, the nodes' addresses and the keyspaces, so the client can route.
     ClusterInfo,
+    /// Show what every replica of a key stores (admin inspection; `quorumkv admin replicas`).
+    /// Any node answers, whether or not it is a replica: it asks each node of the key's
+    /// preference list for its copy (reading its own directly), waits until each has answered
+    /// or failed or its request timeout passes, and answers [`Response::Replicas`]. It never
+    /// triggers read repair and never writes; a replica that fails or stays silent is reported
+    /// as such, not as an error of the whole request.
+    Replicas {
+        keyspace: String,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
 }
 
 /// One visible value of a key.
@@ -196,8 +213,68 @@ pub enum Response {
     },
     /// The answer to [`Request::ClusterInfo`].
     ClusterInfo(ClusterInfo),
+    /// The answer to [`Request::Replicas`]: one entry per replica, in preference-list order.
+    Replicas(Vec<ReplicaCopy>),
     /// The request failed.
     Error(ErrorReply),
+}
+
+/// One replica of a key and what it answered to an inspection ([`Request::Replicas`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaCopy {
+    /// The replica's node id.
+    pub node: String,
+    /// Why this node holds the key.
+    pub role: ReplicaRole,
+    /// What it stores, or why it could not say.
+    pub answer: ReplicaAnswer,
+}
+
+/// Why a node is among a key's replicas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaRole {
+    /// An owner of the key: entry `position` of its preference list (0 is the first owner).
+    Primary { position: u8 },
+    /// A fallback holding a hint for this key (not reported yet: hinted handoff will fill it
+    /// in; today every entry is a primary).
+    Fallback,
+}
+
+/// What one replica answered to an inspection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaAnswer {
+    /// The replica's stored copy of the key.
+    Stored(StoredCopy),
+    /// The replica has no copy of the key.
+    Missing,
+    /// The replica could not be asked (the inspecting node believes it down, or could not
+    /// reach it) or answered with an error; `reason` is for a human.
+    Failed { reason: String },
+    /// The replica did not answer before the inspecting node's request timeout.
+    TimedOut,
+}
+
+/// A replica's stored copy of a key, summarised for a human or a script.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredCopy {
+    /// The values a reader of this copy alone would see (tombstones left out).
+    pub siblings: Vec<SiblingValue>,
+    /// Whether the key was written and every surviving version is a tombstone (a delete).
+    pub deleted: bool,
+    /// The causal context as a version summary: actor (a node incarnation, 16 hex digits) →
+    /// the highest counter of that actor's writes to the key this copy has seen. Two copies
+    /// with equal summaries have seen the same writes, unless one learned some out of order.
+    pub version: BTreeMap<String, u64>,
+    /// The BLAKE3 hash of the copy's canonical encoding, in hex: equal hashes, equal copies.
+    pub state_hash: String,
+}
+
+impl ReplicaAnswer {
+    /// Whether the replica answered (with a copy or with none), as opposed to failing or
+    /// staying silent.
+    pub fn answered(&self) -> bool {
+        matches!(self, ReplicaAnswer::Stored(_) | ReplicaAnswer::Missing)
+    }
 }
 
 /// Why a request failed, in a form a program can act on.
@@ -273,6 +350,10 @@ mod tests {
                 },
             },
             Request::ClusterInfo,
+            Request::Replicas {
+                keyspace: DEFAULT_KEYSPACE.into(),
+                key: b"k".to_vec(),
+            },
         ];
         for request in requests {
             let frame = encode_frame(&request, 1 << 20).unwrap();
@@ -316,6 +397,45 @@ mod tests {
         let frame = encode_frame(&new, 1 << 20).unwrap();
         assert_eq!(decode_frame::<ClusterInfoV0>(&frame, 1 << 20).unwrap(), old);
         assert_eq!(decode_frame::<ClusterInfo>(&frame, 1 << 20).unwrap(), new);
+    }
+
+    #[test]
+    fn replica_copies_round_trip() {
+        let stored = StoredCopy {
+            siblings: vec![SiblingValue {
+                value: b"v".to_vec(),
+                timestamp_ms: 5,
+            }],
+            deleted: false,
+            version: [("00000000000003e9".to_string(), 2)].into(),
+            state_hash: "ab".repeat(32),
+        };
+        let response = Response::Replicas(vec![
+            ReplicaCopy {
+                node: "n1".into(),
+                role: ReplicaRole::Primary { position: 0 },
+                answer: ReplicaAnswer::Stored(stored),
+            },
+            ReplicaCopy {
+                node: "n2".into(),
+                role: ReplicaRole::Primary { position: 1 },
+                answer: ReplicaAnswer::Missing,
+            },
+            ReplicaCopy {
+                node: "n3".into(),
+                role: ReplicaRole::Fallback,
+                answer: ReplicaAnswer::Failed {
+                    reason: "down".into(),
+                },
+            },
+            ReplicaCopy {
+                node: "n4".into(),
+                role: ReplicaRole::Primary { position: 2 },
+                answer: ReplicaAnswer::TimedOut,
+            },
+        ]);
+        let frame = encode_frame(&response, 1 << 20).unwrap();
+        assert_eq!(decode_frame::<Response>(&frame, 1 << 20).unwrap(), response);
     }
 
     #[test]

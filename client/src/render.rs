@@ -26,6 +26,15 @@
 //! `put` and `delete` print the new context: `--json` gives `{"context":"<base64url>"}`, plain
 //! mode the bare token on one line.
 //!
+//! `admin replicas --json` prints one line
+//! `{"keyspace":"default","key":"k","encoding":"utf8","replicas":[...]}` with one object per
+//! replica in preference-list order: `node`, `role` (`primary` with its `position` in the
+//! preference list from 0, or `fallback`), and `status`, one of `stored` (then `siblings`
+//! as `[{"value":"v","timestamp_ms":1}]`, `deleted`, `version` as `{"<actor>":counter}` and
+//! `state_hash` in hex), `missing`, `failed` (then `error`, a sentence) or `timed_out`. Every
+//! value of every replica shares the document's one `encoding`. Plain `admin replicas` prints
+//! the same as a table on stdout, one row per replica.
+//!
 //! Errors go to stderr as one line: `error: <message>` in plain mode; with `--json`,
 //! `{"error":{"kind":"quorum_not_reached","message":"...","required":2,"acked":1,
 //! "durable_required":1,"durable_acked":0}}` (the quorum fields only for that kind;
@@ -35,10 +44,11 @@
 use crate::client::GetResult;
 use crate::context::Context;
 use crate::error::Error;
-use crate::protocol::SiblingValue;
+use crate::protocol::{ReplicaAnswer, ReplicaCopy, ReplicaRole, SiblingValue};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// How sibling values are written out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +132,184 @@ pub fn context_json(context: &Context) -> String {
     to_json_line(&ContextJson {
         context: context.to_string(),
     })
+}
+
+/// Every sibling value stored by any of `replicas`, in order, so one encoding covers them all.
+fn replica_values(replicas: &[ReplicaCopy]) -> Vec<SiblingValue> {
+    replicas
+        .iter()
+        .filter_map(|replica| match &replica.answer {
+            ReplicaAnswer::Stored(copy) => Some(copy.siblings.iter().cloned()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn role_name(role: ReplicaRole) -> (&'static str, Option<u8>) {
+    match role {
+        ReplicaRole::Primary { position } => ("primary", Some(position)),
+        ReplicaRole::Fallback => ("fallback", None),
+    }
+}
+
+fn status_name(answer: &ReplicaAnswer) -> &'static str {
+    match answer {
+        ReplicaAnswer::Stored(_) => "stored",
+        ReplicaAnswer::Missing => "missing",
+        ReplicaAnswer::Failed { .. } => "failed",
+        ReplicaAnswer::TimedOut => "timed_out",
+    }
+}
+
+/// `admin replicas --json`: one line, described in the module documentation.
+pub fn replicas_json(keyspace: &str, key: &str, replicas: &[ReplicaCopy]) -> String {
+    #[derive(Serialize)]
+    struct Value<'a> {
+        value: &'a str,
+        timestamp_ms: u64,
+    }
+    #[derive(Serialize)]
+    struct Replica<'a> {
+        node: &'a str,
+        role: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        position: Option<u8>,
+        status: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        siblings: Option<Vec<Value<'a>>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        deleted: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        version: Option<&'a BTreeMap<String, u64>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        state_hash: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<&'a str>,
+    }
+    #[derive(Serialize)]
+    struct Document<'a> {
+        keyspace: &'a str,
+        key: &'a str,
+        encoding: &'static str,
+        replicas: Vec<Replica<'a>>,
+    }
+    let (encoding, texts) = encode_values(&replica_values(replicas));
+    let mut texts = texts.iter();
+    let rows = replicas
+        .iter()
+        .map(|replica| {
+            let (role, position) = role_name(replica.role);
+            let mut row = Replica {
+                node: &replica.node,
+                role,
+                position,
+                status: status_name(&replica.answer),
+                siblings: None,
+                deleted: None,
+                version: None,
+                state_hash: None,
+                error: None,
+            };
+            match &replica.answer {
+                ReplicaAnswer::Stored(copy) => {
+                    row.siblings = Some(
+                        copy.siblings
+                            .iter()
+                            .zip(texts.by_ref())
+                            .map(|(sibling, text)| Value {
+                                value: text,
+                                timestamp_ms: sibling.timestamp_ms,
+                            })
+                            .collect(),
+                    );
+                    row.deleted = Some(copy.deleted);
+                    row.version = Some(&copy.version);
+                    row.state_hash = Some(&copy.state_hash);
+                }
+                ReplicaAnswer::Failed { reason } => row.error = Some(reason),
+                ReplicaAnswer::Missing | ReplicaAnswer::TimedOut => {}
+            }
+            row
+        })
+        .collect();
+    to_json_line(&Document {
+        keyspace,
+        key,
+        encoding: encoding.name(),
+        replicas: rows,
+    })
+}
+
+/// Plain `admin replicas`: a table with one row per replica (node, role, what it stores, its
+/// version summary, the first 16 hex digits of its state hash, and its values or its error),
+/// then a line saying so when values are shown in base64.
+pub fn replicas_text(replicas: &[ReplicaCopy]) -> String {
+    let (encoding, texts) = encode_values(&replica_values(replicas));
+    let mut texts = texts.iter();
+    let mut rows = vec![["NODE", "ROLE", "COPY", "VERSION", "HASH", "VALUES"].map(String::from)];
+    for replica in replicas {
+        let role = match replica.role {
+            ReplicaRole::Primary { position } => format!("primary {position}"),
+            ReplicaRole::Fallback => "fallback".to_string(),
+        };
+        let (version, hash, values) = match &replica.answer {
+            ReplicaAnswer::Stored(copy) => {
+                let version = copy
+                    .version
+                    .iter()
+                    .map(|(actor, counter)| format!("{actor}:{counter}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let mut values: Vec<String> = copy
+                    .siblings
+                    .iter()
+                    .zip(texts.by_ref())
+                    .map(|(_, text)| serde_json::to_string(text).unwrap_or_default())
+                    .collect();
+                if copy.deleted {
+                    values.push("(deleted)".to_string());
+                }
+                let hash = copy.state_hash.chars().take(16).collect();
+                (version, hash, values.join(", "))
+            }
+            ReplicaAnswer::Failed { reason } => {
+                let reason = reason.replace(['\n', '\r'], " ");
+                ("-".into(), "-".into(), format!("error: {reason}"))
+            }
+            ReplicaAnswer::Missing => ("-".into(), "-".into(), "-".into()),
+            ReplicaAnswer::TimedOut => (
+                "-".into(),
+                "-".into(),
+                "error: no answer before the node's request timeout".into(),
+            ),
+        };
+        let status = status_name(&replica.answer).replace('_', " ");
+        rows.push([replica.node.clone(), role, status, version, hash, values]);
+    }
+    let mut widths = [0usize; 6];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (column, cell) in row.iter().enumerate() {
+            if column + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}  ", width = widths[column]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    if encoding == ValueEncoding::Base64 {
+        out.push_str("values are in base64: at least one is not UTF-8\n");
+    }
+    out
 }
 
 /// An error as one JSON line: `{"error":{"kind":"...","message":"...", ...}}`.
@@ -290,6 +478,101 @@ mod tests {
         assert_eq!(
             context_json(&Context::from_bytes(vec![1, 2])),
             r#"{"context":"AQI"}"#
+        );
+    }
+
+    fn replicas() -> Vec<ReplicaCopy> {
+        use crate::protocol::StoredCopy;
+        vec![
+            ReplicaCopy {
+                node: "n1".into(),
+                role: ReplicaRole::Primary { position: 0 },
+                answer: ReplicaAnswer::Stored(StoredCopy {
+                    siblings: vec![SiblingValue {
+                        value: b"v2".to_vec(),
+                        timestamp_ms: 9,
+                    }],
+                    deleted: false,
+                    version: [("00000000000003e9".to_string(), 2)].into(),
+                    state_hash: "ab".repeat(32),
+                }),
+            },
+            ReplicaCopy {
+                node: "n2".into(),
+                role: ReplicaRole::Primary { position: 1 },
+                answer: ReplicaAnswer::Missing,
+            },
+            ReplicaCopy {
+                node: "n3".into(),
+                role: ReplicaRole::Primary { position: 2 },
+                answer: ReplicaAnswer::Failed {
+                    reason: "believed\ndown".into(),
+                },
+            },
+            ReplicaCopy {
+                node: "n4".into(),
+                role: ReplicaRole::Fallback,
+                answer: ReplicaAnswer::TimedOut,
+            },
+        ]
+    }
+
+    #[test]
+    fn replicas_render_as_one_json_document() {
+        let json = replicas_json("default", "k", &replicas());
+        assert!(!json.contains('\n'));
+        let parsed: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            parsed,
+            json!({
+                "keyspace": "default",
+                "key": "k",
+                "encoding": "utf8",
+                "replicas": [
+                    {"node": "n1", "role": "primary", "position": 0, "status": "stored",
+                     "siblings": [{"value": "v2", "timestamp_ms": 9}], "deleted": false,
+                     "version": {"00000000000003e9": 2}, "state_hash": "ab".repeat(32)},
+                    {"node": "n2", "role": "primary", "position": 1, "status": "missing"},
+                    {"node": "n3", "role": "primary", "position": 2, "status": "failed",
+                     "error": "believed\ndown"},
+                    {"node": "n4", "role": "fallback", "status": "timed_out"},
+                ]
+            })
+        );
+    }
+
+    #[test]
+    fn replicas_render_as_a_table() {
+        let text = replicas_text(&replicas());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(lines[0].starts_with("NODE  ROLE       COPY"), "{text}");
+        assert!(lines[1].starts_with("n1    primary 0  stored"), "{text}");
+        assert!(
+            lines[1].contains("00000000000003e9:2") && lines[1].contains(&"ab".repeat(8)),
+            "{text}"
+        );
+        assert!(lines[1].ends_with("\"v2\""), "{text}");
+        assert!(lines[2].starts_with("n2    primary 1  missing"), "{text}");
+        assert!(lines[3].ends_with("error: believed down"), "{text}");
+        assert!(lines[4].starts_with("n4    fallback   timed out"), "{text}");
+    }
+
+    #[test]
+    fn one_binary_value_makes_every_replica_value_base64() {
+        let mut copies = replicas();
+        if let ReplicaAnswer::Stored(copy) = &mut copies[0].answer {
+            copy.siblings.push(SiblingValue {
+                value: vec![0xff],
+                timestamp_ms: 10,
+            });
+        }
+        let parsed: Value = serde_json::from_str(&replicas_json("default", "k", &copies)).unwrap();
+        assert_eq!(parsed["encoding"], "base64");
+        assert_eq!(parsed["replicas"][0]["siblings"][0]["value"], "djI=");
+        assert_eq!(parsed["replicas"][0]["siblings"][1]["value"], "/w==");
+        assert!(
+            replicas_text(&copies).ends_with("values are in base64: at least one is not UTF-8\n")
         );
     }
 

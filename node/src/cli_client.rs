@@ -36,9 +36,10 @@ use quorumkv_client::{
 };
 use std::path::PathBuf;
 
-/// Flags shared by `put`, `get` and `delete`.
+/// How to reach the cluster: flags (and environment variables) shared by every client command,
+/// `put`, `get` and `delete` as well as `admin replicas`.
 #[derive(Args, Clone, Debug)]
-pub struct ClientArgs {
+pub struct ConnectArgs {
     /// Seed nodes, comma-separated `host:port` (any node of the cluster will do).
     #[arg(long, env = "QUORUMKV_NODES", value_delimiter = ',', required = true)]
     pub nodes: Vec<String>,
@@ -58,6 +59,31 @@ pub struct ClientArgs {
         value_name = "KEY_PEM"
     )]
     pub tls_key: PathBuf,
+}
+
+impl ConnectArgs {
+    /// A client connected to the seeds with these certificates.
+    pub async fn connect(&self) -> Result<Client, Error> {
+        // `--timeout-ms` needs no client setting: each request carries it, and the client's wait
+        // for an attempt follows it.
+        ClientBuilder::new()
+            .seeds(
+                self.nodes
+                    .iter()
+                    .map(|node| node.trim())
+                    .filter(|node| !node.is_empty()),
+            )
+            .identity_files(&self.ca, &self.cert, &self.tls_key)
+            .build()
+            .await
+    }
+}
+
+/// Flags shared by `put`, `get` and `delete`.
+#[derive(Args, Clone, Debug)]
+pub struct ClientArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
     /// Keyspace of the key.
     #[arg(long, default_value = DEFAULT_KEYSPACE)]
     pub keyspace: String,
@@ -128,18 +154,7 @@ impl ClientArgs {
     }
 
     async fn connect(&self) -> Result<Client, Error> {
-        // `--timeout-ms` needs no client setting: each request carries it, and the client's wait
-        // for an attempt follows it.
-        ClientBuilder::new()
-            .seeds(
-                self.nodes
-                    .iter()
-                    .map(|node| node.trim())
-                    .filter(|node| !node.is_empty()),
-            )
-            .identity_files(&self.ca, &self.cert, &self.tls_key)
-            .build()
-            .await
+        self.connect.connect().await
     }
 
     /// Prints `error` in the chosen format and returns its exit code.

@@ -12,10 +12,11 @@
 //! * **The shell**: [`server`] (the core task, group commit, the QUIC listener, admin HTTP),
 //!   [`tls`] and [`certs`] (mutual TLS against a cluster CA), [`config`] (one configuration
 //!   struct), [`metrics`] (every metric name), [`dev`] (a local cluster), [`cli_client`] (the
-//!   `put`/`get`/`delete` commands).
+//!   `put`/`get`/`delete` commands), [`cli_admin`] (the `admin` commands).
 //!
 //! `ARCHITECTURE.md` at the repository root walks a PUT and a GET through these modules.
 pub mod certs;
+pub mod cli_admin;
 pub mod cli_client;
 pub mod config;
 pub mod core;

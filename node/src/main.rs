@@ -12,8 +12,8 @@
 //! - `quorumkv dev [--nodes 3] [--dir DIR]`: run a local cluster on loopback.
 //! - `quorumkv put KEY VALUE`, `get KEY`, `delete KEY`: talk to a cluster (see
 //!   `quorumkv_node::cli_client` for flags, output formats and exit codes).
-//! - `quorumkv admin sync-status --admin ADDR,... [--json]`: each node's digest of every
-//!   range's Merkle root (its admin server's `/sync-status`), and whether the digests agree.
+//! - `quorumkv admin replicas KEY`, `admin sync-status --admin ADDR,...`: inspect a cluster
+//!   without changing it (see `quorumkv_node::cli_admin`).
 //!
 //! Exit status: 0 on success; 2 for usage errors and invalid input (bad flags, a bad or
 //! missing config, an invalid name, certificate files that are missing or do not fit the
@@ -24,6 +24,7 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use quorumkv_node::certs::{self, IfExists};
+use quorumkv_node::cli_admin::{run_admin, AdminCommand};
 use quorumkv_node::cli_client::{run_delete, run_get, run_put, ClientArgs};
 use quorumkv_node::config::ConfigArgs;
 use quorumkv_node::dev::DevArgs;
@@ -75,29 +76,9 @@ enum Command {
         #[command(flatten)]
         args: Box<ClientArgs>,
     },
-    /// Ask nodes' admin servers about their state.
+    /// Inspect a cluster without changing it.
     #[command(subcommand)]
     Admin(AdminCommand),
-}
-
-#[derive(Debug, Subcommand)]
-enum AdminCommand {
-    /// Each node's Merkle roots (a digest of every range's root), so a script can tell when
-    /// replicas have converged: with every node holding every range (N = nodes), equal digests.
-    SyncStatus {
-        /// Admin addresses (`admin_listen`) of the nodes to ask, comma-separated.
-        #[arg(
-            long,
-            env = "QUORUMKV_ADMIN",
-            value_delimiter = ',',
-            required = true,
-            value_name = "HOST:PORT"
-        )]
-        admin: Vec<std::net::SocketAddr>,
-        /// Print one JSON object instead of a line per node.
-        #[arg(long)]
-        json: bool,
-    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,7 +144,7 @@ fn main() -> ExitCode {
     };
     let client_command = matches!(
         cli.command,
-        Command::Put { .. } | Command::Get { .. } | Command::Delete { .. }
+        Command::Put { .. } | Command::Get { .. } | Command::Delete { .. } | Command::Admin(_)
     );
     // The client library says at `info` when it marks a node down or up: news in a service's
     // log, noise in a shell command's stderr.
@@ -182,6 +163,9 @@ fn main() -> ExitCode {
         Command::Delete { key, args } => {
             return exit(runtime().map(|rt| rt.block_on(run_delete(&args, &key))))
         }
+        Command::Admin(command) => {
+            return exit(runtime().map(|rt| rt.block_on(run_admin(&command))))
+        }
         command => Cli { command },
     };
     match run(cli) {
@@ -198,10 +182,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Certs(command) => run_certs(command),
         Command::Config(command) => run_config(command),
         Command::Start { config } => run_start(&config),
-        Command::Admin(command) => run_admin(command),
-        Command::Dev(_) | Command::Put { .. } | Command::Get { .. } | Command::Delete { .. } => {
-            anyhow::bail!("handled before run")
-        }
+        Command::Dev(_)
+        | Command::Put { .. }
+        | Command::Get { .. }
+        | Command::Delete { .. }
+        | Command::Admin(_) => anyhow::bail!("handled before run"),
     }
 }
 
@@ -285,78 +270,6 @@ fn run_certs(command: CertsCommand) -> anyhow::Result<()> {
     };
     println!("{}", paths.cert.display());
     println!("{}", paths.key.display());
-    Ok(())
-}
-
-/// `quorumkv admin sync-status`: fails (exit 1) if a node did not answer, after printing what
-/// the others said.
-fn run_admin(command: AdminCommand) -> anyhow::Result<()> {
-    let AdminCommand::SyncStatus { admin, json } = command;
-    let mut nodes = Vec::new();
-    let mut unreachable = 0;
-    for address in &admin {
-        let status = quorumkv_node::dev::admin_get(*address, "/sync-status")
-            .map_err(|e| e.to_string())
-            .and_then(|text| {
-                serde_json::from_str::<serde_json::Value>(&text).map_err(|e| e.to_string())
-            });
-        match status {
-            Ok(status) => nodes.push(status),
-            Err(error) => {
-                unreachable += 1;
-                nodes.push(serde_json::json!({ "admin": address.to_string(), "error": error }));
-            }
-        }
-    }
-    let digests: std::collections::BTreeSet<String> = nodes
-        .iter()
-        .map(|n| n.get("digest").map_or_else(String::new, |d| d.to_string()))
-        .collect();
-    let built = nodes
-        .iter()
-        .all(|n| n.get("trees_built") == Some(&serde_json::Value::Bool(true)));
-    let agree = unreachable == 0 && built && digests.len() == 1;
-    let hints: u64 = nodes
-        .iter()
-        .filter_map(|n| n.get("hints_pending")?.as_object())
-        .flat_map(|pending| pending.values().filter_map(serde_json::Value::as_u64))
-        .sum();
-    // Converged: every replica holds the same data and nothing waits to be handed off.
-    let converged = agree && hints == 0;
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "digests_equal": agree,
-                "hints_pending": hints,
-                "converged": converged,
-                "nodes": nodes,
-            })
-        );
-    } else {
-        for node in &nodes {
-            match node.get("error") {
-                Some(error) => println!("{}  error: {error}", node["admin"]),
-                None => println!(
-                    "{}  built={}  hints_pending={}  keys={}  digest={}",
-                    node["node"],
-                    node["trees_built"],
-                    node["hints_pending"]
-                        .as_object()
-                        .map_or(0, |h| h.values().filter_map(|v| v.as_u64()).sum::<u64>()),
-                    node["keyspaces"].as_object().map_or(0, |k| k
-                        .values()
-                        .filter_map(|v| v["keys"].as_u64())
-                        .sum::<u64>()),
-                    node["digest"]
-                ),
-            }
-        }
-        println!("digests equal: {agree}; hints pending: {hints}; converged: {converged}");
-    }
-    if unreachable > 0 {
-        anyhow::bail!("{unreachable} of {} nodes did not answer", admin.len());
-    }
     Ok(())
 }
 
@@ -464,6 +377,38 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn admin_replicas_takes_a_key_the_keyspace_and_the_client_flags() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied());
+        let tls = [
+            "--nodes", "a:1", "--ca", "ca.pem", "--cert", "c.pem", "--key", "c.key",
+        ];
+        let mut args = vec![
+            "quorumkv",
+            "admin",
+            "replicas",
+            "k",
+            "--keyspace",
+            "ks",
+            "--json",
+        ];
+        args.extend(tls);
+        match parse(&args).map(|cli| cli.command) {
+            Ok(Command::Admin(AdminCommand::Replicas(replicas))) => {
+                assert_eq!(replicas.key, "k");
+                assert_eq!(replicas.keyspace, "ks");
+                assert!(replicas.json);
+                assert_eq!(replicas.connect.nodes, ["a:1"]);
+                assert_eq!(replicas.connect.tls_key, PathBuf::from("c.key"));
+            }
+            other => panic!("expected admin replicas, got {other:?}"),
+        }
+        // `--r`, `--w` and the other data-request flags do not belong to an inspection.
+        let mut with_r = args.clone();
+        with_r.extend(["--r", "2"]);
+        assert!(parse(&with_r).is_err());
     }
 
     #[test]

@@ -13,7 +13,8 @@ use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
 
-/// Client requests by operation (`get`, `put`, `delete`, `cluster_info`) and outcome.
+/// Client requests by operation (`get`, `put`, `delete`, `cluster_info`, `replicas`) and
+/// outcome.
 pub const REQUESTS_TOTAL: &str = "quorumkv_requests_total";
 /// Client request latency by operation, as the node saw it.
 pub const REQUEST_DURATION_SECONDS: &str = "quorumkv_request_duration_seconds";

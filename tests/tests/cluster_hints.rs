@@ -113,7 +113,7 @@ async fn a_restarted_owner_receives_every_write_it_missed() {
         for key in &keys {
             assert_eq!(
                 local_values(&cluster, victim, key).await,
-                [key.clone()],
+                std::slice::from_ref(key),
                 "{key}"
             );
         }

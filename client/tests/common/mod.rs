@@ -312,6 +312,8 @@ fn answer(script: &mut Script, request: Request, info: &Mutex<Option<ClusterInfo
                 hinted: 0,
             }
         }
+        // The fake nodes keep no replicas of their own to show.
+        Request::Replicas { .. } => Response::Replicas(Vec::new()),
     }
 }
 

@@ -8,7 +8,7 @@
 //! passes is coordinated here when this node is on the key's preference list
 //! ([`super::coordinate`]) and forwarded to a replica otherwise ([`super::forward`]).
 
-use super::{error, invalid, Checked, NodeCore, Now, Origin, Output};
+use super::{error, inspect, invalid, Checked, NodeCore, Now, Origin, Output};
 use super::{internal, REQUEST_TIMEOUT_MAX_MS};
 use crate::metrics;
 use crate::storage::Storage;
@@ -60,6 +60,7 @@ impl NodeCore {
                 options,
                 ..
             } => (keyspace, key, 0, options.timeout_ms),
+            Request::Replicas { keyspace, key } => (keyspace, key, 0, None),
             Request::ClusterInfo => return,
         };
         let checked = match self.check(fields.0, fields.1, fields.2, fields.3) {
@@ -75,6 +76,11 @@ impl NodeCore {
             );
             return self.answer(&origin, error(ErrorKind::Overloaded, message), out);
         }
+        let deadline_ms = now.monotonic_ms.saturating_add(checked.timeout_ms);
+        if inspect::is_inspection_request(&request) {
+            // Any node inspects, replica or not: nothing to forward.
+            return self.inspect(origin, &checked, deadline_ms, storage, out);
+        }
         if !checked.preference_list.contains(&self.me) {
             return match origin {
                 Origin::Client(client) => self.forward(now, client, &checked, request.clone(), out),
@@ -86,7 +92,6 @@ impl NodeCore {
                 }
             };
         }
-        let deadline_ms = now.monotonic_ms.saturating_add(checked.timeout_ms);
         let result = match &request {
             Request::Get { options, .. } => self.coordinate_get(
                 now,
@@ -132,7 +137,7 @@ impl NodeCore {
                 storage,
                 out,
             ),
-            Request::ClusterInfo => Ok(()),
+            Request::ClusterInfo | Request::Replicas { .. } => Ok(()),
         };
         if let Err(reply) = result {
             self.answer(&origin, Response::Error(reply), out);

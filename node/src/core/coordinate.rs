@@ -369,6 +369,7 @@ impl NodeCore {
             {
                 return self.retry_forward(op, out);
             }
+            Some(Op::Inspect(_)) => return self.on_inspect_progress(op, from, progress, out),
             _ => return,
         }
         self.settle(op, out);
@@ -430,6 +431,7 @@ impl NodeCore {
         match self.ops.get(&op) {
             Some(Op::Read(_)) => return self.expire_read(op, out),
             Some(Op::Handoff(_)) => return self.expire_handoff(op),
+            Some(Op::Inspect(_)) => return self.expire_inspect(op, out),
             Some(Op::Write(write)) => {
                 if !write.replied {
                     let reply = quorum_not_reached("write", write.tally.shortfall());
@@ -441,7 +443,7 @@ impl NodeCore {
             _ => {}
         }
         match self.remove_op(op) {
-            Some(Op::Write(_)) | Some(Op::Handoff(_)) => {}
+            Some(Op::Write(_)) | Some(Op::Handoff(_)) | Some(Op::Inspect(_)) => {}
             Some(Op::Read(_)) => {}
             Some(Op::Forward(forward)) => {
                 let message = format!("coordinator {} did not answer in time", forward.to);

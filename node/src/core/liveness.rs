@@ -50,6 +50,7 @@ impl NodeCore {
                 Op::Handoff(h) => h.owner == *node,
                 Op::Read(r) => r.tally.waiting().any(|n| n == node) || r.repairing.contains(node),
                 Op::Forward(f) => f.to == *node,
+                Op::Inspect(i) => i.waiting_on(node),
             })
             .map(|(op, _)| *op)
             .collect();

@@ -62,6 +62,7 @@
 //! | `durability` | flush waiters and group commit |
 //! | `read_repair` | a read's reply and the repair of replicas it found behind |
 //! | `hints` | sloppy quorum placement, hints kept for owners that missed writes, their delivery |
+//! | `inspect` | what each replica of a key stores, asked without repairing (`admin replicas`) |
 //! | `liveness` | ticks: pings, peers found down, expired requests |
 //! | [`anti_entropy`] | Merkle trees kept with every write, built at start; background exchanges between replicas |
 //! | [`detector`] | the failure detector itself |
@@ -75,6 +76,7 @@ pub mod driver;
 mod durability;
 mod forward;
 mod hints;
+mod inspect;
 mod liveness;
 mod read_repair;
 mod replica;
@@ -309,6 +311,7 @@ enum Op {
     Read(ReadOp),
     Forward(ForwardOp),
     Handoff(hints::HandoffOp),
+    Inspect(inspect::InspectOp),
 }
 
 impl Op {
@@ -318,6 +321,7 @@ impl Op {
             Op::Read(r) => r.deadline_ms,
             Op::Forward(f) => f.deadline_ms,
             Op::Handoff(h) => h.deadline_ms,
+            Op::Inspect(i) => i.deadline_ms(),
         }
     }
 }

@@ -4,7 +4,7 @@
 //! (known keyspace, key size, a state that decodes), and answered once: `Applied` at once, or
 //! `Durable` after the node's next flush when the coordinator asked for it. A `Read` is answered
 //! with the stored state. Pings get pongs; answers to this node's own requests go to
-//! [`super::coordinate`] and [`super::forward`].
+//! [`super::coordinate`], [`super::forward`] and, for inspections, [`super::inspect`].
 
 use super::{DurableWaiter, NodeCore, Now, Op, Origin, Output};
 use crate::peer::{OpId, PeerMessage};
@@ -62,6 +62,9 @@ impl NodeCore {
             }
             PeerMessage::Failed { op, reason } => {
                 tracing::warn!(peer = %from, %reason, "replica failed an operation");
+                if self.is_inspection(op) {
+                    return self.on_inspect_failed(op, &from, reason, out);
+                }
                 self.on_progress(op, &from, ReplicaProgress::Failed, out)
             }
             PeerMessage::Read { op, keyspace, key } => {
@@ -87,7 +90,14 @@ impl NodeCore {
                 keyspace,
                 key,
                 state,
-            } => self.on_read_reply(op, &from, (&keyspace, &key), state.as_deref(), out),
+            } => {
+                // The same answer serves a get and an inspection; only a get repairs.
+                if self.is_inspection(op) {
+                    self.on_inspect_reply(op, &from, (&keyspace, &key), state.as_deref(), out)
+                } else {
+                    self.on_read_reply(op, &from, (&keyspace, &key), state.as_deref(), out)
+                }
+            }
             // Out of service, the node stays silent, so peers' detectors count it down and stop
             // sending it work.
             PeerMessage::Ping { nonce } if self.in_service() => out.push(Output::Send {

@@ -193,6 +193,7 @@ fn operation(request: &Request) -> &'static str {
         Request::Put { .. } => "put",
         Request::Delete { .. } => "delete",
         Request::ClusterInfo => "cluster_info",
+        Request::Replicas { .. } => "replicas",
     }
 }
 

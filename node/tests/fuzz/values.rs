@@ -7,7 +7,8 @@ use proptest::prelude::*;
 use proptest::sample::select;
 use quorumkv_client::protocol::{
     ClusterInfo, ErrorKind, ErrorReply, KeyspaceInfo, NodeAddress, QuorumShortfall, ReadOptions,
-    ReadRepair, Request, Response, SiblingValue, WriteOptions,
+    ReadRepair, ReplicaAnswer, ReplicaCopy, ReplicaRole, Request, Response, SiblingValue,
+    StoredCopy, WriteOptions,
 };
 use quorumkv_client::{Context, RequestId as ClientRequestId};
 use quorumkv_node::peer::{Hello, OpId, PeerMessage};
@@ -109,6 +110,7 @@ pub fn request() -> impl Strategy<Value = Request> {
                 }
             ),
         Just(Request::ClusterInfo),
+        (keyspace(), bytes(32)).prop_map(|(keyspace, key)| Request::Replicas { keyspace, key }),
     ]
 }
 
@@ -169,17 +171,48 @@ fn error_reply() -> impl Strategy<Value = ErrorReply> {
     })
 }
 
-pub fn response() -> impl Strategy<Value = Response> {
-    let sibling = (bytes(32), any::<u64>()).prop_map(|(value, timestamp_ms)| SiblingValue {
+fn sibling_value() -> impl Strategy<Value = SiblingValue> {
+    (bytes(32), any::<u64>()).prop_map(|(value, timestamp_ms)| SiblingValue {
         value,
         timestamp_ms,
-    });
+    })
+}
+
+fn replica_copy() -> impl Strategy<Value = ReplicaCopy> {
+    let role = prop_oneof![
+        any::<u8>().prop_map(|position| ReplicaRole::Primary { position }),
+        Just(ReplicaRole::Fallback),
+    ];
+    let stored = (
+        vec(sibling_value(), 0..3),
+        any::<bool>(),
+        proptest::collection::btree_map("[0-9a-f]{16}", any::<u64>(), 0..3),
+        "[0-9a-f]{64}",
+    )
+        .prop_map(|(siblings, deleted, version, state_hash)| StoredCopy {
+            siblings,
+            deleted,
+            version,
+            state_hash,
+        });
+    let answer = prop_oneof![
+        stored.prop_map(ReplicaAnswer::Stored),
+        Just(ReplicaAnswer::Missing),
+        ".{0,24}".prop_map(|reason| ReplicaAnswer::Failed { reason }),
+        Just(ReplicaAnswer::TimedOut),
+    ];
+    (".{0,8}", role, answer).prop_map(|(node, role, answer)| ReplicaCopy { node, role, answer })
+}
+
+pub fn response() -> impl Strategy<Value = Response> {
+    let sibling = sibling_value();
     prop_oneof![
         (vec(sibling, 0..4), opaque_context())
             .prop_map(|(siblings, context)| Response::Got { siblings, context }),
         (opaque_context(), any::<u8>())
             .prop_map(|(context, hinted)| Response::Written { context, hinted }),
         cluster_info().prop_map(Response::ClusterInfo),
+        vec(replica_copy(), 0..4).prop_map(Response::Replicas),
         error_reply().prop_map(Response::Error),
     ]
 }
