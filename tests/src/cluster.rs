@@ -1021,6 +1021,17 @@ impl TestCluster {
             .request_timeout(Duration::from_millis(node_timeout_ms) + Duration::from_secs(3))
     }
 
+    /// A client for a cluster with dead nodes: it gives up on a silent node quickly and then
+    /// leaves it alone, so every request does not pay for dialing the dead.
+    pub async fn fault_tolerant_client(&self) -> Client {
+        self.client_builder()
+            .connect_timeout(Duration::from_millis(500))
+            .down_backoff(Duration::from_secs(600), Duration::from_secs(600))
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("connecting a client: {e}\n{}", self.log_tails()))
+    }
+
     /// A connected client (dev client certificate, every node a seed).
     pub async fn client(&self) -> Client {
         self.client_builder()

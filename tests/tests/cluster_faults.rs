@@ -2,7 +2,7 @@
 //! SIGSTOP/SIGCONT against the failure detector.
 
 use quorumkv_client::protocol::{ReadOptions, WriteOptions};
-use quorumkv_client::{Client, Error, GetResult, DEFAULT_KEYSPACE};
+use quorumkv_client::{Error, GetResult, DEFAULT_KEYSPACE};
 use quorumkv_tests::cluster::{
     metric_value, run_cli, wait_until, wait_until_async, within, ClusterOptions, TestCluster,
     PEER_UP,
@@ -42,18 +42,6 @@ fn read(r: u8) -> ReadOptions {
     }
 }
 
-/// A client for a cluster with dead nodes: it gives up on a silent node quickly and then
-/// leaves it alone, so every request does not pay for dialing the dead.
-async fn fault_tolerant_client(cluster: &TestCluster) -> Client {
-    cluster
-        .client_builder()
-        .connect_timeout(Duration::from_millis(500))
-        .down_backoff(Duration::from_secs(600), Duration::from_secs(600))
-        .build()
-        .await
-        .expect("connecting a client")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn each_request_chooses_its_quorum_and_a_dead_node_cannot_count() {
     let mut cluster = TestCluster::start(3, ClusterOptions::default());
@@ -63,7 +51,7 @@ async fn each_request_chooses_its_quorum_and_a_dead_node_cannot_count() {
     });
     let (first_victim, second_victim) = (2, 1);
     within(TEST_LIMIT, async {
-        let client = fault_tolerant_client(&cluster).await;
+        let client = cluster.fault_tolerant_client().await;
         client
             .put(
                 DEFAULT_KEYSPACE,
@@ -204,7 +192,7 @@ async fn acknowledged_durable_writes_survive_kill_9_and_restart() {
     let mut cluster = TestCluster::start(3, ClusterOptions::default());
     let (victim, survivor_to_kill) = (1, 2);
     within(TEST_LIMIT, async {
-        let client = fault_tolerant_client(&cluster).await;
+        let client = cluster.fault_tolerant_client().await;
         let log = Arc::new(Mutex::new(WriteLog::default()));
         let acked = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -288,7 +276,7 @@ async fn acknowledged_durable_writes_survive_kill_9_and_restart() {
         );
 
         cluster.restart(victim);
-        let client = fault_tolerant_client(&cluster).await;
+        let client = cluster.fault_tolerant_client().await;
         let mut duplicates = 0;
         for key in &log.acknowledged {
             let got = client
@@ -305,7 +293,7 @@ async fn acknowledged_durable_writes_survive_kill_9_and_restart() {
         client.close().await;
 
         cluster.kill(survivor_to_kill);
-        let client = fault_tolerant_client(&cluster).await;
+        let client = cluster.fault_tolerant_client().await;
         for key in &log.acknowledged {
             let got = client
                 .get(DEFAULT_KEYSPACE, key, read(2))
@@ -350,7 +338,7 @@ async fn a_paused_node_is_detected_down_and_comes_back_up() {
         replicas[0] == paused
     });
     within(TEST_LIMIT, async {
-        let client = fault_tolerant_client(&cluster).await;
+        let client = cluster.fault_tolerant_client().await;
         for key in &keys {
             client.put(DEFAULT_KEYSPACE, key, b"all-up".to_vec(), None, write(3, 1)).await.expect("w=3 with every node up");
         }

@@ -9,7 +9,7 @@
 //! are known delivered.)
 
 use quorumkv_client::protocol::{ReadOptions, Request, Response, WriteOptions, CLIENT_ALPN};
-use quorumkv_client::{Client, Error, DEFAULT_KEYSPACE};
+use quorumkv_client::{Error, DEFAULT_KEYSPACE};
 use quorumkv_tests::cluster::{wait_until, within, ClusterOptions, RawConnection, TestCluster};
 use std::time::Duration;
 
@@ -26,17 +26,6 @@ fn write(w: u8, pw: Option<u8>) -> WriteOptions {
         pw,
         ..WriteOptions::default()
     }
-}
-
-/// A client that gives up on a dead node quickly and then leaves it alone.
-async fn client(cluster: &TestCluster) -> Client {
-    cluster
-        .client_builder()
-        .connect_timeout(Duration::from_millis(500))
-        .down_backoff(Duration::from_secs(600), Duration::from_secs(600))
-        .build()
-        .await
-        .expect("connecting a client")
 }
 
 /// The values node `index` itself stores for `key` (see the module docs).
@@ -84,7 +73,7 @@ async fn a_restarted_owner_receives_every_write_it_missed() {
     let victim = 2;
     let victim_id = cluster.node(victim).id.to_string();
     within(TEST_LIMIT, async {
-        let client = client(&cluster).await;
+        let client = cluster.fault_tolerant_client().await;
         cluster.kill(victim);
         let keys: Vec<String> = (0..20).map(|i| format!("missed-{i}")).collect();
         for key in &keys {
@@ -131,7 +120,7 @@ async fn with_four_nodes_a_fallback_keeps_w_3_available_unless_pw_3_is_asked() {
     let victim = 2;
     let victim_id = cluster.node(victim).id.to_string();
     within(TEST_LIMIT, async {
-        let client = client(&cluster).await;
+        let client = cluster.fault_tolerant_client().await;
         cluster.kill(victim);
         // Wait until the coordinator knows: W = 3 then goes to the fallback at once.
         wait_until("the victim counted down", CONDITION_DEADLINE, || {

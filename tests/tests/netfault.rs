@@ -348,9 +348,13 @@ fn run(network: &Network, settings: &Settings) {
     });
     log("workload stopped".into());
 
-    // Quiescence: every node up and hearing every other, then a read of every key from all
-    // replicas.
+    // Quiescence: every node up and hearing every other. Then, before any read could repair
+    // anything, the repair mechanisms alone (hinted handoff, anti-entropy) must bring every
+    // replica to the same data: with N = nodes every node holds every range, so equal Merkle
+    // digests on all nodes and no hint pending anywhere mean converged.
     cluster.wait_connected();
+    wait_converged(&cluster, &mut timeline);
+    // Then a read of every key from all replicas.
     runtime.block_on(async {
         let client = workload_client(&cluster).await;
         for key in &keys {
@@ -374,10 +378,6 @@ fn run(network: &Network, settings: &Settings) {
             client.close().await;
         }
     });
-    // Convergence goes here once repair exists (read repair, hinted handoff, anti-entropy):
-    // after the heal and with writes stopped, wait (within a bound derived from the configured
-    // intervals) until every replica of every range reports the same Merkle root and no pending
-    // hints, then read every key at R = 1 from each replica and require the final reads above.
 
     let history = recorder.history();
     let report = history::check(&history);
@@ -411,6 +411,55 @@ fn run(network: &Network, settings: &Settings) {
     assert!(
         report.stats.puts_checked > 0,
         "no acknowledged put was checked: the workload did nothing useful\n{report}"
+    );
+}
+
+/// Waits until every node reports the same digest of its Merkle roots and no node holds a hint,
+/// within a bound derived from the nodes' configuration: anti-entropy compares every range
+/// within `ranges / exchanges_max · interval_ms`, and delivers what it finds at
+/// `keys_per_second_max`; three such cycles plus a minute of slack for hint delivery and a
+/// loaded machine. Panics, naming what each node reported, if they do not converge.
+fn wait_converged(cluster: &TestCluster, timeline: &mut Vec<String>) {
+    let config = &cluster.local().nodes[0].config;
+    let ae = &config.anti_entropy;
+    let cycle_ms = u64::from(config.ranges) / ae.exchanges_max.max(1) as u64 * ae.interval_ms;
+    let bound = Duration::from_millis(3 * cycle_ms) + Duration::from_secs(60);
+    let started = std::time::Instant::now();
+    let mut last: Vec<Option<serde_json::Value>>;
+    loop {
+        let statuses: Vec<Option<serde_json::Value>> =
+            (0..NODES).map(|index| cluster.sync_status(index)).collect();
+        let digests: std::collections::BTreeSet<String> = statuses
+            .iter()
+            .map(|s| {
+                s.as_ref()
+                    .map_or(String::new(), |s| s["digest"].to_string())
+            })
+            .collect();
+        let built = statuses
+            .iter()
+            .all(|s| s.as_ref().is_some_and(|s| s["trees_built"] == true));
+        let hints: u64 = statuses
+            .iter()
+            .flatten()
+            .filter_map(|s| s["hints_pending"].as_object())
+            .flat_map(|pending| pending.values().filter_map(serde_json::Value::as_u64))
+            .sum();
+        if built && digests.len() == 1 && hints == 0 {
+            let line = format!("converged after {:?} (bound {bound:?})", started.elapsed());
+            eprintln!("netfault: {line}");
+            timeline.push(line);
+            return;
+        }
+        last = statuses;
+        if started.elapsed() > bound {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "replicas did not converge within {bound:?} after the heal (equal Merkle digests, no \
+         hints pending); last status of each node: {last:?}"
     );
 }
 
