@@ -229,3 +229,54 @@ fn hints_survive_a_restart_of_the_node_holding_them() {
     assert_eq!(cluster.values(&n3, "k"), ["v1"]);
     assert!(cluster.hints(&n1).is_empty());
 }
+
+#[test]
+fn hints_for_an_isolated_owner_are_delivered_after_the_heal() {
+    let mut cluster = Driver::new(3, 3, CoreConfig::default());
+    let [n1, n2, n3] = cluster.ids();
+    cluster.cut(&n1, &n3);
+    cluster.cut(&n2, &n3);
+    run_for(&mut cluster, detect_down());
+    for i in 0..20 {
+        let coordinator = if i % 2 == 0 { &n1 } else { &n2 };
+        let put = cluster.put(coordinator, &format!("cold-{i}"), "v", 2);
+        cluster.settle();
+        assert!(cluster.written(put), "{:?}", cluster.reply(put));
+    }
+    assert_eq!(cluster.hints(&n1), [(n3.clone(), 10)]);
+    assert_eq!(cluster.hints(&n2), [(n3.clone(), 10)]);
+    cluster.heal();
+    run_for(&mut cluster, 5_000);
+    assert!(cluster.hints(&n1).is_empty(), "{:?}", cluster.hints(&n1));
+    assert!(cluster.hints(&n2).is_empty(), "{:?}", cluster.hints(&n2));
+    for i in 0..20 {
+        assert_eq!(cluster.values(&n3, &format!("cold-{i}")), ["v"]);
+    }
+}
+
+#[test]
+fn a_node_restarted_with_hints_counts_each_once_even_if_it_writes_before_its_first_tick() {
+    let mut cluster = Driver::new(3, 3, CoreConfig::default());
+    let [n1, _n2, n3] = cluster.ids();
+    cluster.crash(&n3);
+    cluster.advance(detect_down());
+    let put = cluster.put(&n1, "before", "v", 2);
+    cluster.settle();
+    assert!(cluster.written(put));
+    assert_eq!(cluster.hints(&n1), [(n3.clone(), 1)]);
+
+    // n1 restarts and takes a write before any tick: its stored hint and the new one.
+    cluster.crash(&n1);
+    cluster.restart(&n1);
+    let put = cluster.put(&n1, "after", "v", 2);
+    cluster.settle();
+    assert!(cluster.written(put), "{:?}", cluster.reply(put));
+    cluster.advance(CoreConfig::default().request_timeout_ms);
+    assert_eq!(cluster.hints(&n1), [(n3.clone(), 2)]);
+
+    cluster.restart(&n3);
+    run_for(&mut cluster, 3_000);
+    assert_eq!(cluster.values(&n3, "before"), ["v"]);
+    assert_eq!(cluster.values(&n3, "after"), ["v"]);
+    assert!(cluster.hints(&n1).is_empty(), "{:?}", cluster.hints(&n1));
+}

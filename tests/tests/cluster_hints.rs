@@ -163,3 +163,46 @@ async fn with_four_nodes_a_fallback_keeps_w_3_available_unless_pw_3_is_asked() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_owner_that_was_paused_receives_every_write_it_missed() {
+    let mut cluster = TestCluster::start(3, ClusterOptions::default());
+    let victim = 1;
+    let victim_id = cluster.node(victim).id.to_string();
+    within(TEST_LIMIT, async {
+        let client = cluster.fault_tolerant_client().await;
+        cluster.pause(victim);
+        wait_until("the paused node counted down", CONDITION_DEADLINE, || {
+            [0, 2].iter().all(|i| {
+                cluster.metric(
+                    *i,
+                    quorumkv_tests::cluster::PEER_UP,
+                    &[("peer", &victim_id)],
+                ) == 0.0
+            })
+        });
+        let keys: Vec<String> = (0..20).map(|i| format!("paused-{i}")).collect();
+        for key in &keys {
+            client
+                .put(
+                    DEFAULT_KEYSPACE,
+                    key,
+                    key.as_bytes().to_vec(),
+                    None,
+                    write(2, None),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("W = 2 with one node paused: {e}"));
+        }
+        cluster.resume(victim);
+        wait_hints_delivered(&cluster, &victim_id);
+        for key in &keys {
+            assert_eq!(
+                local_values(&cluster, victim, key).await,
+                [key.clone()],
+                "{key}"
+            );
+        }
+    })
+    .await;
+}

@@ -49,7 +49,9 @@
 //! which case it fails.
 
 use quorumkv_client::{Client, Context, Error, ReadOptions, WriteOptions, DEFAULT_KEYSPACE};
-use quorumkv_tests::cluster::{ensure_binary, wait_until_async, ClusterOptions, TestCluster};
+use quorumkv_tests::cluster::{
+    ensure_binary, wait_until, wait_until_async, ClusterOptions, TestCluster, PEER_UP,
+};
 use quorumkv_tests::history::{self, Op, Outcome, Record, Recorder};
 use quorumkv_tests::netns::{self, Network};
 use rand::{Rng, SeedableRng};
@@ -73,6 +75,8 @@ const OPERATION_LIMIT: Duration = Duration::from_secs(10);
 /// The coordinators' quorum timeout and the failure detector's silence bound (the nodes'
 /// defaults, written out because the harness otherwise uses more tolerant ones).
 const NODE_TIMEOUT_MS: u64 = 2_000;
+/// Keys written while one node is isolated and never read before the convergence check.
+const COLD_KEYS: usize = 20;
 /// How long the final reads may keep failing after the heal before the suite gives up.
 const FINAL_READ_DEADLINE: Duration = Duration::from_secs(60);
 /// Loss rate of the fixed schedule.
@@ -352,6 +356,51 @@ fn run(network: &Network, settings: &Settings) {
     // anything, the repair mechanisms alone (hinted handoff, anti-entropy) must bring every
     // replica to the same data: with N = nodes every node holds every range, so equal Merkle
     // digests on all nodes and no hint pending anywhere mean converged.
+    cluster.wait_connected();
+    // Cold keys: written while one node is cut off, and never read before the convergence
+    // check, so only hinted handoff and anti-entropy can bring that node up to date (the hot
+    // keys above are read so often that read repair alone would converge them).
+    let cold = (settings.seed % NODES as u64) as usize;
+    network.isolate(cold);
+    // Written only once the others count it down, so nothing is even queued for it: QUIC
+    // would deliver queued messages after the heal and hide whether repair works.
+    let cold_id = cluster.node(cold).id.to_string();
+    wait_until(
+        "the others count the isolated node down",
+        FINAL_READ_DEADLINE,
+        || {
+            (0..NODES)
+                .filter(|index| *index != cold)
+                .all(|index| cluster.metric(index, PEER_UP, &[("peer", &cold_id)]) == 0.0)
+        },
+    );
+    timeline.push(format!("cold keys written with node {cold} isolated"));
+    runtime.block_on(async {
+        let client = cluster.fault_tolerant_client().await;
+        for i in 0..COLD_KEYS {
+            let (client, key) = (&client, format!("cold-{i}"));
+            let key = key.as_str();
+            wait_until_async(
+                &format!("the cold write of {key} succeeds"),
+                FINAL_READ_DEADLINE,
+                move || async move {
+                    client
+                        .put(
+                            DEFAULT_KEYSPACE,
+                            key,
+                            key.as_bytes().to_vec(),
+                            None,
+                            write(2, 1),
+                        )
+                        .await
+                        .map_err(|e| e.to_string())
+                },
+            )
+            .await;
+        }
+        client.close().await;
+    });
+    network.heal();
     cluster.wait_connected();
     wait_converged(&cluster, &mut timeline);
     // Then a read of every key from all replicas.

@@ -36,7 +36,8 @@
 //!   write's acknowledgement rested, is never dropped by a bound or by age.
 //!
 //! The per-owner totals (count and bytes) are kept in memory for the bound and the
-//! `quorumkv_hints_pending` gauges, loaded from the hints table at the first tick after start.
+//! `quorumkv_hints_pending` gauges, loaded from the hints table before the first input after
+//! start is handled.
 //!
 //! # Record layout
 //!
@@ -450,7 +451,20 @@ impl NodeCore {
         metrics::hints_pending(owner.as_str(), totals.count, totals.bytes);
     }
 
-    /// Loads the per-owner totals from the hints table (once, at the first tick).
+    /// Loads the per-owner totals from the hints table, once, before the first input is
+    /// handled (a failure is retried at the next input; until then no hint is delivered).
+    pub(super) fn load_hints_once(&mut self, storage: &dyn Storage) {
+        if self.hints.loaded || !self.in_service() {
+            return;
+        }
+        self.hints.totals.clear();
+        if let Err(e) = self.load_hint_totals(storage) {
+            self.note_storage_failure(&e);
+            tracing::warn!(error = %e, "loading hints failed");
+        }
+    }
+
+    /// Loads the per-owner totals from the hints table.
     fn load_hint_totals(&mut self, storage: &dyn Storage) -> crate::Result<()> {
         let mut after: Option<Vec<u8>> = None;
         loop {
@@ -494,11 +508,7 @@ impl NodeCore {
             return;
         }
         if !self.hints.loaded {
-            if let Err(e) = self.load_hint_totals(storage) {
-                self.note_storage_failure(&e);
-                tracing::warn!(error = %e, "loading hints failed");
-                return;
-            }
+            return;
         }
         let owners: Vec<NodeId> = self
             .hints

@@ -466,6 +466,8 @@ impl NodeCore {
 
     /// Handles one input, appending what the shell must do to `out`.
     pub fn handle(&mut self, now: Now, input: Input, storage: &dyn Storage, out: &mut Vec<Output>) {
+        // Before the first input can write a hint, so the totals count each stored hint once.
+        self.load_hints_once(storage);
         match input {
             Input::Client { handle, request } => {
                 self.on_request(now, Origin::Client(handle), request, storage, out)
