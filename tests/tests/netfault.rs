@@ -506,9 +506,20 @@ fn wait_converged(cluster: &TestCluster, timeline: &mut Vec<String>) {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    let metrics: Vec<String> = (0..NODES)
+        .map(|index| {
+            let text = cluster.metrics(index);
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.starts_with('#') && (l.contains("hints") || l.contains("peer_up")))
+                .collect();
+            format!("node {index}: {}", lines.join("; "))
+        })
+        .collect();
     panic!(
         "replicas did not converge within {bound:?} after the heal (equal Merkle digests, no \
-         hints pending); last status of each node: {last:?}"
+         hints pending); hint and liveness metrics:\n{}\nlast status of each node: {last:?}",
+        metrics.join("\n")
     );
 }
 

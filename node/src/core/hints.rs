@@ -118,6 +118,8 @@ pub struct HintTotals {
 pub(super) struct Hints {
     /// Per owner, what the hints table holds; valid once `loaded`.
     totals: BTreeMap<NodeId, HintTotals>,
+    /// Bumped whenever `totals` changes, so the shell knows when to republish `/sync-status`.
+    generation: u64,
     loaded: bool,
     /// Hint keys being delivered now, so one hint is never in flight twice.
     delivering: BTreeSet<Vec<u8>>,
@@ -259,6 +261,7 @@ impl NodeCore {
             }
             metrics::hint_written(kind);
             metrics::hints_pending(owner.as_str(), totals.count, totals.bytes);
+            self.hints.generation += 1;
         }
     }
 
@@ -449,6 +452,7 @@ impl NodeCore {
         totals.count = totals.count.saturating_sub(1);
         totals.bytes = totals.bytes.saturating_sub(len as u64);
         metrics::hints_pending(owner.as_str(), totals.count, totals.bytes);
+        self.hints.generation += 1;
     }
 
     /// Loads the per-owner totals from the hints table, once, before the first input is
@@ -485,7 +489,13 @@ impl NodeCore {
             metrics::hints_pending(owner.as_str(), totals.count, totals.bytes);
         }
         self.hints.loaded = true;
+        self.hints.generation += 1;
         Ok(())
+    }
+
+    /// Changes whenever the hints held change (see `server::core_task`'s `/sync-status`).
+    pub fn hints_generation(&self) -> u64 {
+        self.hints.generation
     }
 
     /// Hint deliveries in flight.

@@ -320,8 +320,9 @@ struct Shell {
     transport: Arc<dyn Transport>,
     in_service: Arc<AtomicBool>,
     sync_status: SharedSyncStatus,
-    /// The tree generation and time (monotonic ms) of the last sync status published.
-    published: Mutex<Option<(u64, u64)>>,
+    /// The tree and hint generations and the time (monotonic ms) of the last sync status
+    /// published.
+    published: Mutex<Option<((u64, u64), u64)>>,
     pending: Pending,
     flush_wanted: Arc<Notify>,
     clock_origin: Instant,
@@ -384,11 +385,12 @@ impl Shell {
 }
 
 impl Shell {
-    /// Publishes the trees' roots when they changed, at most every [`SYNC_STATUS_EVERY_MS`]
+    /// Publishes the trees' roots and the hints pending when they changed, at most every [`SYNC_STATUS_EVERY_MS`]
     /// (and at any tick), so serving `/sync-status` never waits for the core and a busy core
     /// does not rebuild the status on every write.
     fn publish_sync_status(&self, core: &NodeCore, now_ms: u64, tick: bool) {
-        let generation = core.merkle_generation();
+        // Trees or hints: either changes what `/sync-status` says.
+        let generation = (core.merkle_generation(), core.hints_generation());
         let mut published = lock(&self.published);
         let due = match *published {
             None => true,
