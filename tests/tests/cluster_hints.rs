@@ -199,7 +199,7 @@ async fn an_owner_that_was_paused_receives_every_write_it_missed() {
         for key in &keys {
             assert_eq!(
                 local_values(&cluster, victim, key).await,
-                [key.clone()],
+                std::slice::from_ref(key),
                 "{key}"
             );
         }
