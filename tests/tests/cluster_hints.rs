@@ -10,7 +10,10 @@
 
 use quorumkv_client::protocol::{ReadOptions, Request, Response, WriteOptions, CLIENT_ALPN};
 use quorumkv_client::{Error, DEFAULT_KEYSPACE};
-use quorumkv_tests::cluster::{wait_until, within, ClusterOptions, RawConnection, TestCluster};
+use quorumkv_tests::cluster::{
+    metric_value, wait_until, wait_until_async, within, ClusterOptions, RawConnection, TestCluster,
+    PEER_UP,
+};
 use std::time::Duration;
 
 const TEST_LIMIT: Duration = Duration::from_secs(180);
@@ -122,12 +125,22 @@ async fn with_four_nodes_a_fallback_keeps_w_3_available_unless_pw_3_is_asked() {
     within(TEST_LIMIT, async {
         let client = cluster.fault_tolerant_client().await;
         cluster.kill(victim);
-        // Wait until the coordinator knows: W = 3 then goes to the fallback at once.
-        wait_until("the victim counted down", CONDITION_DEADLINE, || {
-            (0..3).filter(|i| *i != victim).all(|i| {
-                cluster.metric(i, quorumkv_tests::cluster::PEER_UP, &[("peer", &victim_id)]) == 0.0
-            })
-        });
+        // Wait until the possible coordinators (the two live owners) count the victim down
+        // and the fallback up: W = 3 then goes to the fallback at once. (Right after start a
+        // detector may still count a peer down while its first dial is retried.)
+        let fallback_id = cluster.node(3).id.to_string();
+        wait_until(
+            "the victim counted down and the fallback up",
+            CONDITION_DEADLINE,
+            || {
+                (0..3).filter(|i| *i != victim).all(|i| {
+                    cluster.metric(i, PEER_UP, &[("peer", &victim_id)]) == 0.0
+                        // The gauge appears at a peer's first transition: absent is up.
+                        && metric_value(&cluster.metrics(i), PEER_UP, &[("peer", &fallback_id)])
+                            .is_none_or(|up| up == 1.0)
+                })
+            },
+        );
         match client
             .put(
                 DEFAULT_KEYSPACE,
@@ -141,16 +154,24 @@ async fn with_four_nodes_a_fallback_keeps_w_3_available_unless_pw_3_is_asked() {
             Err(Error::QuorumNotReached { required: 3, .. }) => {}
             other => panic!("pw = 3 with an owner dead: expected QuorumNotReached, got {other:?}"),
         }
-        client
-            .put(
-                DEFAULT_KEYSPACE,
-                &key,
-                b"sloppy".to_vec(),
-                None,
-                write(3, None),
-            )
-            .await
-            .expect("W = 3 through a fallback's hinted acknowledgement");
+        let (client_ref, key_ref) = (&client, key.as_str());
+        wait_until_async(
+            "W = 3 through a fallback's hinted acknowledgement",
+            CONDITION_DEADLINE,
+            move || async move {
+                client_ref
+                    .put(
+                        DEFAULT_KEYSPACE,
+                        key_ref,
+                        b"sloppy".to_vec(),
+                        None,
+                        write(3, None),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await;
         assert!(
             cluster.metric(3, HINTS_WRITTEN, &[("kind", "fallback")]) >= 1.0,
             "node 3 took the write as a fallback"
