@@ -73,16 +73,15 @@ impl NodeCore {
         );
         let hints =
             self.coordinator_hints(now, checked.keyspace, checked.key, &placement.hinted_here);
-        let existed: Vec<Option<usize>> = hints
-            .iter()
-            .map(|(_, write)| {
-                storage
-                    .aux(AuxTable::Hints, &write.key)
-                    .ok()
-                    .flatten()
-                    .map(|v| v.len())
-            })
-            .collect();
+        // The sizes of the hints these replace, for the per-owner totals; a storage error here
+        // fails the write like any other, rather than leaving the totals silently wrong.
+        let mut existed: Vec<Option<usize>> = Vec::with_capacity(hints.len());
+        for (_, write) in &hints {
+            let old = storage
+                .aux(AuxTable::Hints, &write.key)
+                .map_err(|e| self.storage_error("reading a hint", e))?;
+            existed.push(old.map(|v| v.len()));
+        }
         let aux: Vec<AuxWrite> = hints.iter().map(|(_, write)| write.clone()).collect();
         let merged = self
             .store(storage, checked.keyspace, checked.key, &state, &aux)
