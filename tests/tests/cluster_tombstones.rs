@@ -70,6 +70,7 @@ async fn deleted_keys_are_collected_on_every_node_and_can_be_written_again() {
         let request_timeout = cluster.node(0).config.timeouts.request_timeout_ms;
         let bound = Duration::from_millis(GRACE_MS + QUIET_MS + 2 * INTERVAL_MS + request_timeout)
             + Duration::from_secs(30);
+        let started = std::time::Instant::now();
         tokio::task::block_in_place(|| {
             wait_until("every node collected the deleted keys", bound, || {
                 (0..cluster.len()).all(|i| {
@@ -79,6 +80,7 @@ async fn deleted_keys_are_collected_on_every_node_and_can_be_written_again() {
                 })
             })
         });
+        eprintln!("collected everywhere after {:?}", started.elapsed());
         for i in 0..KEYS {
             let got = client
                 .get(DEFAULT_KEYSPACE, format!("gone-{i}"), read(3))
