@@ -83,7 +83,8 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum CertsCommand {
-    /// Create the cluster CA in DIR: ca.pem and ca.key (mode 0600).
+    /// Create the cluster CA in DIR: ca.pem and ca.key (mode 0600), and the cluster secret
+    /// cluster.secret (mode 0600) unless one exists.
     Init {
         /// Directory for the CA files (created if missing).
         #[arg(long, value_name = "DIR")]
@@ -100,6 +101,20 @@ enum CertsCommand {
         #[command(flatten)]
         subject: Subject,
         /// Replace an existing certificate and key of the same name.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write a new cluster secret (mode 0600), which seals client contexts: DIR/cluster.secret,
+    /// or --out FILE. Every node needs the same one; clients never do.
+    Secret {
+        /// Directory to write cluster.secret in.
+        #[arg(long, value_name = "DIR", required_unless_present = "out")]
+        dir: Option<PathBuf>,
+        /// The file to write instead (for a rotation: a new secret next to the current one).
+        #[arg(long, value_name = "FILE", conflicts_with = "dir")]
+        out: Option<PathBuf>,
+        /// Replace an existing file. Contexts sealed with the old secret stop working unless
+        /// the nodes keep it in tls.cluster_secret_previous.
         #[arg(long)]
         force: bool,
     },
@@ -267,6 +282,18 @@ fn run_certs(command: CertsCommand) -> anyhow::Result<()> {
             // clap's group makes exactly one of them required.
             (None, None) => anyhow::bail!("give --node ID or --client NAME"),
         },
+        CertsCommand::Secret { dir, out, force } => {
+            let path = match (out, dir) {
+                (Some(out), _) => out,
+                (None, Some(dir)) => certs::cluster_secret_path(&dir),
+                (None, None) => anyhow::bail!("give --dir DIR or --out FILE"),
+            };
+            let secret = certs::write_cluster_secret(&path, if_exists(force))
+                .context("writing the cluster secret")?;
+            println!("{}", path.display());
+            eprintln!("cluster secret {} written", secret.id());
+            return Ok(());
+        }
     };
     println!("{}", paths.cert.display());
     println!("{}", paths.key.display());
@@ -279,6 +306,7 @@ fn run_config(command: ConfigCommand) -> anyhow::Result<()> {
             let config = config.load()?;
             if !skip_tls {
                 tls::check_node_files(&config.tls, &config.node_id)?;
+                certs::load_context_keys(&config.tls)?;
             }
             print!("{}", config.to_toml()?);
             Ok(())

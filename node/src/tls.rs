@@ -453,6 +453,8 @@ mod tests {
                 ca_cert: self.ca(),
                 cert: paths.cert,
                 key: paths.key,
+                cluster_secret: PathBuf::from("cluster.secret"),
+                cluster_secret_previous: Vec::new(),
             }
         }
 
@@ -752,6 +754,8 @@ mod tests {
             ca_cert: pki.ca(),
             cert: foreign.cert,
             key: foreign.key,
+            cluster_secret: PathBuf::from("cluster.secret"),
+            cluster_secret_previous: Vec::new(),
         };
         let err = check_node_files(&tls, &id("n1")).unwrap_err();
         assert!(err.to_string().contains("not accepted by the CA"), "{err}");
@@ -768,6 +772,8 @@ mod tests {
             ca_cert: pki.ca(),
             cert: alice.cert,
             key: alice.key,
+            cluster_secret: PathBuf::from("cluster.secret"),
+            cluster_secret_previous: Vec::new(),
         };
         assert!(check_node_files(&tls, &id("n1")).is_err());
     }

@@ -260,7 +260,8 @@ pub use state::{
     KeyState, RequestId, Retired, Sibling, UpdateOutcome, RETIRED_WRITES_MAX, STATE_FORMAT_VERSION,
 };
 pub use token::{
-    decode_token, encode_token, token_from_text, token_to_text, ClientContext, TOKEN_FORMAT_VERSION,
+    decode_token, encode_token, token_bytes_max, token_from_text, token_to_text, ClientContext,
+    ClusterSecret, ContextKeys, CLUSTER_SECRET_LEN, TOKEN_FORMAT_VERSION,
 };
 
 #[cfg(test)]
