@@ -469,6 +469,12 @@ impl Driver {
         RequestId(id)
     }
 
+    /// Hands `node` a peer message that claims to come from `from`, which need not be a
+    /// member: what a hostile or misconfigured node's connection would deliver.
+    pub fn inject_peer(&mut self, node: &NodeId, from: NodeId, message: PeerMessage) {
+        self.feed(node, Input::Peer { from, message });
+    }
+
     fn feed(&mut self, node: &NodeId, input: Input) {
         let now = self.now();
         let driven = self.nodes.get_mut(node).expect("known node");
