@@ -623,9 +623,7 @@ async fn exchange(
         )),
         ReadFrameError::Refused(e) => ExchangeError::Frame(e),
         e @ ReadFrameError::TimedOut { .. } => ExchangeError::Stream(e.to_string()),
-        ReadFrameError::Stream(quinn::ReadError::ConnectionLost(e)) => {
-            ExchangeError::Connection(e)
-        }
+        ReadFrameError::Stream(quinn::ReadError::ConnectionLost(e)) => ExchangeError::Connection(e),
         ReadFrameError::Stream(e) => {
             ExchangeError::Stream(format!("reading the answer failed: {e}"))
         }

@@ -157,7 +157,10 @@ async fn read_header_bytes<S: FrameSource>(
     until: usize,
 ) -> Result<(), ReadFrameError<S::Error>> {
     while partial.header_len < until {
-        match source.read_some(&mut partial.header[partial.header_len..]).await {
+        match source
+            .read_some(&mut partial.header[partial.header_len..])
+            .await
+        {
             Ok(Some(n)) => partial.header_len += n,
             Ok(None) if partial.header_len == 0 => return Err(ReadFrameError::Ended),
             Ok(None) => {
@@ -263,14 +266,24 @@ mod tests {
 
     #[tokio::test]
     async fn ends_and_truncations_are_told_apart() {
-        let err = read_frame(&mut script(vec![], false), 100, LONG, Deadline::FromFirstByte)
-            .await
-            .unwrap_err();
+        let err = read_frame(
+            &mut script(vec![], false),
+            100,
+            LONG,
+            Deadline::FromFirstByte,
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, ReadFrameError::Ended), "{err}");
         let header = vec![PROTOCOL_VERSION, 0, 0, 0, 10, 1, 2];
-        let err = read_frame(&mut script(vec![header], false), 100, LONG, Deadline::FromNow)
-            .await
-            .unwrap_err();
+        let err = read_frame(
+            &mut script(vec![header], false),
+            100,
+            LONG,
+            Deadline::FromNow,
+        )
+        .await
+        .unwrap_err();
         assert!(
             matches!(err, ReadFrameError::Truncated { received: 7 }),
             "{err}"
@@ -280,9 +293,14 @@ mod tests {
     #[tokio::test]
     async fn an_oversized_header_is_refused_before_any_body_is_read() {
         let header = vec![PROTOCOL_VERSION, 0, 0, 1, 0];
-        let err = read_frame(&mut script(vec![header], true), 255, LONG, Deadline::FromNow)
-            .await
-            .unwrap_err();
+        let err = read_frame(
+            &mut script(vec![header], true),
+            255,
+            LONG,
+            Deadline::FromNow,
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, ReadFrameError::Refused(_)), "{err}");
     }
 

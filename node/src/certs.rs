@@ -652,4 +652,47 @@ mod tests {
         let err = issue_client(one.path(), "alice", IfExists::Refuse).unwrap_err();
         assert!(matches!(err, Error::Certificate { .. }), "{err}");
     }
+
+    #[test]
+    fn init_writes_a_private_cluster_secret_that_loads_and_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), IfExists::Refuse).unwrap();
+        let path = cluster_secret_path(dir.path());
+        let secret = load_cluster_secret(&path).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{mode:o}");
+        }
+        // Writing again without --force is refused; the secret is unchanged.
+        let err = write_cluster_secret(&path, IfExists::Refuse).unwrap_err();
+        assert!(matches!(err, Error::CertificateExists { .. }), "{err}");
+        assert_eq!(load_cluster_secret(&path).unwrap(), secret);
+        // A new one is another secret.
+        let other =
+            write_cluster_secret(&dir.path().join("next.secret"), IfExists::Refuse).unwrap();
+        assert_ne!(other, secret);
+    }
+
+    #[test]
+    fn a_missing_or_malformed_secret_names_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("cluster.secret");
+        let err = load_cluster_secret(&missing).unwrap_err();
+        assert!(err.to_string().contains("cluster.secret"), "{err}");
+        for bad in ["", "abc", &"zz".repeat(32), &"00".repeat(33)] {
+            fs::write(&missing, bad).unwrap();
+            let err = load_cluster_secret(&missing).unwrap_err();
+            assert!(
+                matches!(err, Error::CertificateFile { .. }),
+                "{bad:?}: {err}"
+            );
+        }
+        fs::write(&missing, format!("  {}\n", "0a".repeat(32))).unwrap();
+        assert_eq!(
+            load_cluster_secret(&missing).unwrap(),
+            ClusterSecret::from_bytes([10; CLUSTER_SECRET_LEN])
+        );
+    }
 }

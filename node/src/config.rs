@@ -414,7 +414,11 @@ pub struct ConfigOverrides {
     #[arg(long, env = "QUORUMKV_TIMEOUTS_PEER_DOWN_AFTER_MS", value_name = "MS")]
     pub timeouts_peer_down_after_ms: Option<u64>,
     /// `timeouts.frame_read_timeout_ms`.
-    #[arg(long, env = "QUORUMKV_TIMEOUTS_FRAME_READ_TIMEOUT_MS", value_name = "MS")]
+    #[arg(
+        long,
+        env = "QUORUMKV_TIMEOUTS_FRAME_READ_TIMEOUT_MS",
+        value_name = "MS"
+    )]
     pub timeouts_frame_read_timeout_ms: Option<u64>,
     /// `limits.key_bytes_max`.
     #[arg(long, env = "QUORUMKV_LIMITS_KEY_BYTES_MAX", value_name = "BYTES")]

@@ -73,7 +73,11 @@ fn assert_refused_as_forged(cluster: &Driver, put: ClientHandle, what: &str) {
 }
 
 /// Both forgeries of `forged`: the unkeyed format, and a real token's body altered.
-fn forgeries(cluster: &mut Driver, via: &NodeId, forged: &ClientContext) -> [(Context, &'static str); 2] {
+fn forgeries(
+    cluster: &mut Driver,
+    via: &NodeId,
+    forged: &ClientContext,
+) -> [(Context, &'static str); 2] {
     let real = read_context(cluster, via);
     [
         (unkeyed_token(forged), "unkeyed token"),
@@ -107,7 +111,10 @@ fn a_context_claiming_another_nodes_future_dots_is_refused_and_no_write_is_lost(
         let get = cluster.get(&n1, KEY, 3);
         cluster.settle();
         let values = cluster.got(get).expect("a read after the heal");
-        assert!(values.contains(&honest), "{what}: lost {honest}: {values:?}");
+        assert!(
+            values.contains(&honest),
+            "{what}: lost {honest}: {values:?}"
+        );
     }
 }
 

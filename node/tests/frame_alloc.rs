@@ -57,7 +57,10 @@ impl FrameSource for Liar {
 fn read_counting(
     mut source: Liar,
     timeout: Duration,
-) -> (Result<Vec<u8>, ReadFrameError<std::convert::Infallible>>, usize) {
+) -> (
+    Result<Vec<u8>, ReadFrameError<std::convert::Infallible>>,
+    usize,
+) {
     // The counter is process-wide: one measurement at a time, or the tests count each other.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = ONE_AT_A_TIME
@@ -132,4 +135,3 @@ fn an_honest_frame_is_read_whole() {
     assert!(body.iter().all(|b| *b == 0x42));
     assert!(allocated <= 4 * sent + SLACK_BYTES, "{allocated} bytes");
 }
-

@@ -95,7 +95,6 @@ fn context_tokens() {
     check(&TOKEN, CASES);
 }
 
-
 #[test]
 fn stored_key_states() {
     check(&KEY_STATE, CASES);

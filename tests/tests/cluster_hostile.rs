@@ -591,9 +591,13 @@ async fn a_node_certificate_for_a_non_member_is_refused() {
     within(TEST_LIMIT, async {
         let client = cluster.client().await;
         let before = cluster.metric(0, PEER_REFUSED, &[("reason", "not_a_member")]);
-        let connect =
-            RawConnection::connect(cluster.node(0).quic(), &identity, PEER_ALPN, "n1.node.quorumkv")
-                .await;
+        let connect = RawConnection::connect(
+            cluster.node(0).quic(),
+            &identity,
+            PEER_ALPN,
+            "n1.node.quorumkv",
+        )
+        .await;
         let error = match connect {
             Err(e) => e,
             Ok(raw) => {
@@ -675,17 +679,25 @@ async fn a_stalled_request_frame_is_cut_off_at_its_deadline() {
         let mut stalled = vec![quorumkv_client::frame::PROTOCOL_VERSION];
         stalled.extend_from_slice(&(1u32 << 20).to_be_bytes());
         stalled.extend_from_slice(&[0x90; 10]);
-        send.write_all(&stalled).await.expect("sending the start of a frame");
+        send.write_all(&stalled)
+            .await
+            .expect("sending the start of a frame");
         // The stream stays open and silent; the node must end it, not wait.
         let answer = tokio::time::timeout(Duration::from_secs(30), recv.read_to_end(1 << 20))
             .await
             .expect("the node ends a stalled stream");
-        assert!(answer.is_err(), "a stalled request got an answer: {answer:?}");
+        assert!(
+            answer.is_err(),
+            "a stalled request got an answer: {answer:?}"
+        );
         wait_until("the stall is counted", Duration::from_secs(10), || {
             cluster.metric(0, FRAME_TIMEOUTS, &[("protocol", "client")]) > before
         });
         assert!(
-            cluster.log(0).lines().any(|line| line.contains("frame stalled")),
+            cluster
+                .log(0)
+                .lines()
+                .any(|line| line.contains("frame stalled")),
             "no log line for the stall:\n{}",
             cluster.log_tails()
         );

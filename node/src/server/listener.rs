@@ -316,9 +316,7 @@ async fn read_peer_stream(
         .await;
         let body = match read {
             Ok(body) => body,
-            Err(e @ ReadFrameError::Refused(_)) => {
-                return refuse_peer_stream(&mut recv, &node, &e)
-            }
+            Err(e @ ReadFrameError::Refused(_)) => return refuse_peer_stream(&mut recv, &node, &e),
             Err(e @ ReadFrameError::TimedOut { .. }) => {
                 metrics::frame_read_timeout("peer");
                 tracing::warn!(peer = %node, reason = %e, "peer stream closed: a frame stalled");

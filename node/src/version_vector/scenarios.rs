@@ -424,7 +424,9 @@ fn a_hot_key_keeps_a_one_entry_context() {
     );
     let token = encode_token(&test_keys(), &last.clone().into(), "ks", b"hot");
     assert_eq!(
-        decode_token(&test_keys(), &token, "ks", b"hot", 256).unwrap().context,
+        decode_token(&test_keys(), &token, "ks", b"hot", 256)
+            .unwrap()
+            .context,
         last
     );
 }
