@@ -281,7 +281,8 @@ pub fn load_context_keys(tls: &crate::config::TlsConfig) -> Result<ContextKeys> 
     let previous = tls
         .cluster_secret_previous
         .iter()
-        .map(|path| load_cluster_secret(path))
+        .map(PathBuf::as_path)
+        .map(load_cluster_secret)
         .collect::<Result<Vec<_>>>()?;
     Ok(ContextKeys::new(current, previous))
 }

@@ -260,7 +260,7 @@ pub fn decode_token(
     if token.is_empty() {
         return Err(corrupt("the token is empty"));
     }
-    if token[0] < TOKEN_FORMAT_VERSION && token[0] > 0 {
+    if (1..TOKEN_FORMAT_VERSION).contains(&token[0]) {
         // The unkeyed formats 1 and 2, which anyone could seal: however intact, nothing proves
         // a node issued them.
         return Err(Error::ContextNotAuthentic);
