@@ -9,9 +9,10 @@
 //! * **Peer protocol.** Only node certificates of *members* are accepted: a client
 //!   certificate, or a node certificate (however properly issued by the cluster CA) for an id
 //!   that is not in the cluster map, is refused with a close reason, a metric and a log line
-//!   before a byte of the connection is read. The first frame of the first unidirectional stream must be a `Hello`
-//!   whose node id matches the certificate and whose cluster-map fingerprint matches ours;
-//!   otherwise the connection is closed with a reason that names both fingerprints. After
+//!   before a byte of the connection is read. The first frame of the first unidirectional
+//!   stream must be a `Hello` whose node id matches the certificate and whose cluster-map
+//!   fingerprint matches ours; otherwise the connection is closed with a reason that names
+//!   both fingerprints. After
 //!   that, every frame on that stream (and on any later unidirectional stream of the
 //!   connection) is one peer message for the core, tagged with the certificate's node id
 //!   (never an id the message claims). Messages go into the core's inbox in stream order; when
