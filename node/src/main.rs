@@ -2,11 +2,14 @@
 //!
 //! Subcommands (one variant of [`Command`] each):
 //!
-//! - `quorumkv certs init --dir DIR [--force]`: create the cluster CA (`ca.pem`, `ca.key`).
+//! - `quorumkv certs init --dir DIR [--force]`: create the cluster CA (`ca.pem`, `ca.key`) and
+//!   the cluster secret (`cluster.secret`) if there is none.
 //! - `quorumkv certs issue --dir DIR (--node ID | --client NAME) [--force]`: issue a node or
 //!   client certificate signed by the CA in DIR.
+//! - `quorumkv certs secret (--dir DIR | --out FILE) [--force]`: write a new cluster secret
+//!   (for a CA made before secrets existed, or a rotation).
 //! - `quorumkv config check [--config FILE] [flags]`: load and validate a configuration, check
-//!   its TLS files, and print the effective configuration as TOML.
+//!   its TLS files and cluster secrets, and print the effective configuration as TOML.
 //! - `quorumkv start [--config FILE] [flags]`: run a node until SIGINT or SIGTERM, then stop
 //!   it cleanly (flush, write the clean-shutdown incarnation record).
 //! - `quorumkv dev [--nodes 3] [--dir DIR]`: run a local cluster on loopback.
@@ -450,6 +453,10 @@ mod tests {
         ];
         assert!(parse(&both).is_err());
         assert!(parse(&["quorumkv", "certs", "issue", "--dir", "d", "--node", "N1"]).is_err());
+        assert!(parse(&["quorumkv", "certs", "secret", "--dir", "d"]).is_ok());
+        assert!(parse(&["quorumkv", "certs", "secret", "--out", "f"]).is_ok());
+        assert!(parse(&["quorumkv", "certs", "secret"]).is_err());
+        assert!(parse(&["quorumkv", "certs", "secret", "--dir", "d", "--out", "f"]).is_err());
     }
 
     #[test]

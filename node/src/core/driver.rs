@@ -318,7 +318,12 @@ impl Driver {
         if self.cut.contains(&(from.clone(), to.clone())) {
             return true;
         }
-        if self.nodes[&to].core.is_none() {
+        let Some(destination) = self.nodes.get(&to) else {
+            // Addressed to a node outside the driven cluster (an answer to an injected
+            // message): nobody receives it.
+            return true;
+        };
+        if destination.core.is_none() {
             // The destination is down: the sender's transport cannot reach it.
             if let Some(op) = message.request_op() {
                 self.feed(&from, Input::SendFailed { to, ops: vec![op] });
