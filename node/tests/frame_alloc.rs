@@ -52,6 +52,14 @@ impl FrameSource for Liar {
     }
 }
 
+/// The allocation counter is process-wide: each test holds this for its whole run (building
+/// its input included), or the tests would count each other's allocations.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Reads one frame from `source` and returns the outcome and the bytes requested from the
 /// allocator meanwhile.
 fn read_counting(
@@ -61,11 +69,6 @@ fn read_counting(
     Result<Vec<u8>, ReadFrameError<std::convert::Infallible>>,
     usize,
 ) {
-    // The counter is process-wide: one measurement at a time, or the tests count each other.
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _turn = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
@@ -87,6 +90,7 @@ const SLACK_BYTES: usize = quorumkv_client::frame_io::READ_CHUNK_BYTES + 64 * 10
 
 #[test]
 fn a_frame_that_claims_16_mib_and_stalls_costs_what_arrived_and_times_out() {
+    let _turn = one_at_a_time();
     let sent = 1000;
     let (outcome, allocated) = read_counting(
         Liar::new(FRAME_BYTES_MAX, sent, true),
@@ -107,6 +111,7 @@ fn a_frame_that_claims_16_mib_and_stalls_costs_what_arrived_and_times_out() {
 
 #[test]
 fn a_frame_that_lies_about_its_length_costs_what_arrived() {
+    let _turn = one_at_a_time();
     let sent = 300_000;
     let (outcome, allocated) = read_counting(
         Liar::new(FRAME_BYTES_MAX, sent, false),
@@ -125,6 +130,7 @@ fn a_frame_that_lies_about_its_length_costs_what_arrived() {
 
 #[test]
 fn an_honest_frame_is_read_whole() {
+    let _turn = one_at_a_time();
     let sent = 2_000_000;
     let (outcome, allocated) = read_counting(
         Liar::new(u32::try_from(sent).expect("small"), sent, false),
