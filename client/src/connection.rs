@@ -32,7 +32,8 @@
 //!   `health`) and routed last until a probe finds it back.
 
 use crate::error::Error;
-use crate::frame::{decode_body, decode_header, encode_frame, FRAME_HEADER_LEN};
+use crate::frame::{decode_body, encode_frame};
+use crate::frame_io::{read_frame, Deadline, ReadFrameError};
 use crate::health::{Health, Marked, RouteState};
 use crate::protocol::{Request, Response};
 use std::collections::HashMap;
@@ -602,29 +603,37 @@ async fn exchange(
             )))
         }
     }
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    read_exact(&mut recv, &mut header).await?;
-    // Checked before allocating: a hostile or broken node cannot make us allocate more than
-    // `max_frame_bytes`.
-    let len = decode_header(header, max_frame_bytes).map_err(ExchangeError::Frame)?;
-    let mut body = vec![0u8; len];
-    read_exact(&mut recv, &mut body).await?;
+    // The header is checked before anything is allocated, and the body grows only with the
+    // bytes that arrive: a hostile or broken node can make us hold no more than it sends, and
+    // once its answer has begun it must finish it within the frame deadline. How long the
+    // answer may take to begin is the attempt's bound, not this one's.
+    let body = read_frame(
+        &mut recv,
+        max_frame_bytes,
+        FRAME_READ_TIMEOUT,
+        Deadline::FromFirstByte,
+    )
+    .await
+    .map_err(|e| match e {
+        ReadFrameError::Ended => {
+            ExchangeError::Stream("the node closed the stream without answering".into())
+        }
+        ReadFrameError::Truncated { received } => ExchangeError::Stream(format!(
+            "the node closed the stream after {received} bytes of its answer"
+        )),
+        ReadFrameError::Refused(e) => ExchangeError::Frame(e),
+        e @ ReadFrameError::TimedOut { .. } => ExchangeError::Stream(e.to_string()),
+        ReadFrameError::Stream(quinn::ReadError::ConnectionLost(e)) => ExchangeError::Connection(e),
+        ReadFrameError::Stream(e) => {
+            ExchangeError::Stream(format!("reading the answer failed: {e}"))
+        }
+    })?;
     decode_body(&body).map_err(ExchangeError::Frame)
 }
 
-async fn read_exact(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<(), ExchangeError> {
-    recv.read_exact(buf).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(read) => ExchangeError::Stream(format!(
-            "the node closed the stream after {read} bytes of its answer"
-        )),
-        quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e)) => {
-            ExchangeError::Connection(e)
-        }
-        quinn::ReadExactError::ReadError(e) => {
-            ExchangeError::Stream(format!("reading the answer failed: {e}"))
-        }
-    })
-}
+/// How long an answer has to arrive whole once its first byte came.
+const FRAME_READ_TIMEOUT: Duration =
+    Duration::from_millis(crate::frame_io::FRAME_READ_TIMEOUT_DEFAULT_MS);
 
 /// Tells a refused TLS handshake (fatal) from a connection that merely failed (try elsewhere).
 fn classify_connection_error(label: &str, error: &quinn::ConnectionError) -> DialError {

@@ -42,6 +42,7 @@ pub mod context;
 pub mod error;
 mod failover;
 pub mod frame;
+pub mod frame_io;
 mod health;
 pub mod msgpack;
 pub mod protocol;

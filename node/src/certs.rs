@@ -27,9 +27,19 @@
 //!
 //! # Files
 //!
-//! In one directory: `ca.pem` / `ca.key` (the CA), `node-<id>.pem` / `node-<id>.key`,
-//! `client-<name>.pem` / `client-<name>.key`. Keys are PKCS#8 PEM, written with mode 0600 on
-//! Unix. Keys are ECDSA P-256. The CA is valid for [`CA_VALIDITY_DAYS`], leaves for
+//! In one directory: `ca.pem` / `ca.key` (the CA), `cluster.secret` (the cluster secret, see
+//! below), `node-<id>.pem` / `node-<id>.key`, `client-<name>.pem` / `client-<name>.key`. Keys
+//! are PKCS#8 PEM, written with mode 0600 on Unix.
+//!
+//! # The cluster secret
+//!
+//! `cluster.secret` holds 32 random bytes as 64 hex digits and a newline, mode 0600. Every node
+//! loads it (`tls.cluster_secret`) and seals the context tokens it hands to clients with it
+//! ([`crate::version_vector::ContextKeys`]); clients never need it, and a client that has it
+//! can forge contexts, so it is copied to nodes only. [`init_ca`] writes it with the CA;
+//! [`write_cluster_secret`] writes one on its own (for a CA made before secrets existed, or a
+//! rotation: the old file stays listed in `tls.cluster_secret_previous` until every node has
+//! the new one). Keys are ECDSA P-256. The CA is valid for [`CA_VALIDITY_DAYS`], leaves for
 //! [`LEAF_VALIDITY_DAYS`]; every certificate starts being valid an hour in the past so that a
 //! peer whose clock is slightly behind accepts it at once.
 //!
@@ -43,6 +53,7 @@
 //! unparsable files are [`Error::CertificateFile`] naming the path.
 
 use crate::error::{Error, Result};
+use crate::version_vector::{ClusterSecret, ContextKeys, CLUSTER_SECRET_LEN};
 use quorumkv_ring::NodeId;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -180,7 +191,100 @@ pub fn init_ca(dir: &Path, if_exists: IfExists) -> Result<CaPaths> {
     let cert = params.self_signed(&key).map_err(cert_error)?;
     create_dir(dir)?;
     write_pair(&paths, &cert.pem(), &key.serialize_pem(), if_exists)?;
+    let secret = cluster_secret_path(dir);
+    // A secret that already exists is kept unless overwriting was asked for: it is not tied
+    // to the CA, and replacing it would refuse every context clients hold.
+    if if_exists == IfExists::Overwrite || !secret.exists() {
+        write_cluster_secret(&secret, if_exists)?;
+    }
     Ok(paths)
+}
+
+/// The file name of the cluster secret in a certificate directory.
+pub const CLUSTER_SECRET_FILE: &str = "cluster.secret";
+
+/// Where the cluster secret lives in `dir`.
+pub fn cluster_secret_path(dir: &Path) -> PathBuf {
+    dir.join(CLUSTER_SECRET_FILE)
+}
+
+/// Writes a new random cluster secret to `path` (mode 0600; the directory is created, mode
+/// 0700, if missing). Refuses to replace an existing file unless `if_exists` says so.
+pub fn write_cluster_secret(path: &Path, if_exists: IfExists) -> Result<ClusterSecret> {
+    if if_exists == IfExists::Refuse && path.exists() {
+        return Err(Error::CertificateExists {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut bytes = [0u8; CLUSTER_SECRET_LEN];
+    rand::TryRngCore::try_fill_bytes(&mut rand::rngs::OsRng, &mut bytes)
+        .map_err(|e| cert_error(format!("the OS random generator failed: {e}")))?;
+    let secret = ClusterSecret::from_bytes(bytes);
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir(parent)?;
+    }
+    let mut text = String::with_capacity(2 * CLUSTER_SECRET_LEN + 1);
+    for byte in secret.as_bytes() {
+        text.push_str(&format!("{byte:02x}"));
+    }
+    text.push('\n');
+    write_file(path, &text, 0o600, if_exists)?;
+    Ok(secret)
+}
+
+/// Reads a cluster secret file: exactly 64 hex digits, surrounding whitespace ignored. A file
+/// that others may read is loaded, with a warning: whoever reads it can forge contexts.
+pub fn load_cluster_secret(path: &Path) -> Result<ClusterSecret> {
+    let bad = |reason: String| Error::CertificateFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = fs::read_to_string(path).map_err(|e| {
+        bad(format!(
+            "cannot read the cluster secret: {e} (`quorumkv certs secret` writes one)"
+        ))
+    })?;
+    let hex = text.trim().as_bytes();
+    if hex.len() != 2 * CLUSTER_SECRET_LEN {
+        return Err(bad(format!(
+            "a cluster secret is {} hex digits; this file holds {} characters",
+            2 * CLUSTER_SECRET_LEN,
+            hex.len()
+        )));
+    }
+    let mut bytes = [0u8; CLUSTER_SECRET_LEN];
+    for (byte, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
+        let digits = std::str::from_utf8(pair).ok();
+        *byte = digits
+            .and_then(|d| u8::from_str_radix(d, 16).ok())
+            .ok_or_else(|| bad("a cluster secret holds hex digits only".into()))?;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = fs::metadata(path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    "the cluster secret is readable by other users; whoever reads it can forge \
+                     client contexts (chmod 600 it)"
+                );
+            }
+        }
+    }
+    Ok(ClusterSecret::from_bytes(bytes))
+}
+
+/// Loads the current cluster secret and every previous one a node's configuration names.
+pub fn load_context_keys(tls: &crate::config::TlsConfig) -> Result<ContextKeys> {
+    let current = load_cluster_secret(&tls.cluster_secret)?;
+    let previous = tls
+        .cluster_secret_previous
+        .iter()
+        .map(PathBuf::as_path)
+        .map(load_cluster_secret)
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ContextKeys::new(current, previous))
 }
 
 /// Issues a node certificate for `id`, signed by the CA in `dir`: files `node-<id>.pem/.key`.
@@ -548,5 +652,48 @@ mod tests {
         fs::copy(&other.key, one.path().join("ca.key")).unwrap();
         let err = issue_client(one.path(), "alice", IfExists::Refuse).unwrap_err();
         assert!(matches!(err, Error::Certificate { .. }), "{err}");
+    }
+
+    #[test]
+    fn init_writes_a_private_cluster_secret_that_loads_and_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), IfExists::Refuse).unwrap();
+        let path = cluster_secret_path(dir.path());
+        let secret = load_cluster_secret(&path).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{mode:o}");
+        }
+        // Writing again without --force is refused; the secret is unchanged.
+        let err = write_cluster_secret(&path, IfExists::Refuse).unwrap_err();
+        assert!(matches!(err, Error::CertificateExists { .. }), "{err}");
+        assert_eq!(load_cluster_secret(&path).unwrap(), secret);
+        // A new one is another secret.
+        let other =
+            write_cluster_secret(&dir.path().join("next.secret"), IfExists::Refuse).unwrap();
+        assert_ne!(other, secret);
+    }
+
+    #[test]
+    fn a_missing_or_malformed_secret_names_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("cluster.secret");
+        let err = load_cluster_secret(&missing).unwrap_err();
+        assert!(err.to_string().contains("cluster.secret"), "{err}");
+        for bad in ["", "abc", &"zz".repeat(32), &"00".repeat(33)] {
+            fs::write(&missing, bad).unwrap();
+            let err = load_cluster_secret(&missing).unwrap_err();
+            assert!(
+                matches!(err, Error::CertificateFile { .. }),
+                "{bad:?}: {err}"
+            );
+        }
+        fs::write(&missing, format!("  {}\n", "0a".repeat(32))).unwrap();
+        assert_eq!(
+            load_cluster_secret(&missing).unwrap(),
+            ClusterSecret::from_bytes([10; CLUSTER_SECRET_LEN])
+        );
     }
 }

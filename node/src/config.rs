@@ -157,6 +157,12 @@ pub struct Timeouts {
     pub ping_interval_ms: u64,
     /// A peer silent this long is considered down; more than `ping_interval_ms`. Default 2000.
     pub peer_down_after_ms: u64,
+    /// Once a frame's first byte has arrived (on a client stream: once the stream is open),
+    /// the whole frame must arrive within this long, or the stream is closed with a metric
+    /// and a log line: a peer or client that announces a length and stalls holds nothing for
+    /// longer. Long enough for `limits.frame_bytes_max` bytes over the slowest link a node
+    /// should serve. Default 10000.
+    pub frame_read_timeout_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -166,6 +172,7 @@ impl Default for Timeouts {
             connect_timeout_ms: 1000,
             ping_interval_ms: 500,
             peer_down_after_ms: 2000,
+            frame_read_timeout_ms: quorumkv_client::frame_io::FRAME_READ_TIMEOUT_DEFAULT_MS,
         }
     }
 }
@@ -323,7 +330,8 @@ impl Default for Tombstones {
     }
 }
 
-/// Certificate and key files (PEM), all required; `quorumkv certs` writes them.
+/// Certificate, key and secret files, all required but `cluster_secret_previous`;
+/// `quorumkv certs` writes them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
@@ -333,6 +341,14 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// This node's private key.
     pub key: PathBuf,
+    /// The cluster secret (`cluster.secret`, written by `quorumkv certs init` or
+    /// `quorumkv certs secret`): the key that seals client context tokens. Every node of a
+    /// cluster must load the same one; a node refuses to start without it.
+    pub cluster_secret: PathBuf,
+    /// Earlier cluster secrets still accepted when checking a context token, during a
+    /// rotation; new tokens are always sealed with `cluster_secret`. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cluster_secret_previous: Vec<PathBuf>,
 }
 
 fn default_zone() -> Zone {
@@ -435,6 +451,13 @@ pub struct ConfigOverrides {
     /// `timeouts.peer_down_after_ms`.
     #[arg(long, env = "QUORUMKV_TIMEOUTS_PEER_DOWN_AFTER_MS", value_name = "MS")]
     pub timeouts_peer_down_after_ms: Option<u64>,
+    /// `timeouts.frame_read_timeout_ms`.
+    #[arg(
+        long,
+        env = "QUORUMKV_TIMEOUTS_FRAME_READ_TIMEOUT_MS",
+        value_name = "MS"
+    )]
+    pub timeouts_frame_read_timeout_ms: Option<u64>,
     /// `limits.key_bytes_max`.
     #[arg(long, env = "QUORUMKV_LIMITS_KEY_BYTES_MAX", value_name = "BYTES")]
     pub limits_key_bytes_max: Option<usize>,
@@ -540,6 +563,18 @@ pub struct ConfigOverrides {
     /// This node's private key (`tls.key`).
     #[arg(long, env = "QUORUMKV_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// The cluster secret file (`tls.cluster_secret`).
+    #[arg(long, env = "QUORUMKV_TLS_CLUSTER_SECRET", value_name = "FILE")]
+    pub tls_cluster_secret: Option<PathBuf>,
+    /// Earlier cluster secret files still accepted, comma-separated
+    /// (`tls.cluster_secret_previous`).
+    #[arg(
+        long,
+        env = "QUORUMKV_TLS_CLUSTER_SECRET_PREVIOUS",
+        value_name = "FILES",
+        value_delimiter = ','
+    )]
+    pub tls_cluster_secret_previous: Option<Vec<PathBuf>>,
 }
 
 impl ConfigOverrides {
@@ -570,6 +605,10 @@ impl ConfigOverrides {
         set.field(
             "timeouts.peer_down_after_ms",
             &self.timeouts_peer_down_after_ms,
+        )?;
+        set.field(
+            "timeouts.frame_read_timeout_ms",
+            &self.timeouts_frame_read_timeout_ms,
         )?;
         set.field("limits.key_bytes_max", &self.limits_key_bytes_max)?;
         set.field("limits.value_bytes_max", &self.limits_value_bytes_max)?;
@@ -631,6 +670,11 @@ impl ConfigOverrides {
         set.field("tls.ca_cert", &self.tls_ca_cert)?;
         set.field("tls.cert", &self.tls_cert)?;
         set.field("tls.key", &self.tls_key)?;
+        set.field("tls.cluster_secret", &self.tls_cluster_secret)?;
+        set.field(
+            "tls.cluster_secret_previous",
+            &self.tls_cluster_secret_previous,
+        )?;
         Ok(())
     }
 }
@@ -780,17 +824,26 @@ impl fmt::Display for KeyspaceList {
 
 /// Fields without a default; checked before deserializing so the error names the variable and
 /// flag that would set them.
-const REQUIRED: [&str; 6] = [
+const REQUIRED: [&str; 7] = [
     "node_id",
     "data_dir",
     "members",
     "tls.ca_cert",
     "tls.cert",
     "tls.key",
+    "tls.cluster_secret",
 ];
 
-/// Fields that hold paths, resolved against the config file's directory when relative.
-const PATH_FIELDS: [&str; 4] = ["data_dir", "tls.ca_cert", "tls.cert", "tls.key"];
+/// Fields that hold paths (or lists of paths), resolved against the config file's directory
+/// when relative.
+const PATH_FIELDS: [&str; 6] = [
+    "data_dir",
+    "tls.ca_cert",
+    "tls.cert",
+    "tls.key",
+    "tls.cluster_secret",
+    "tls.cluster_secret_previous",
+];
 
 /// The command-line flag that sets the field at `path`.
 pub fn flag_name(path: &str) -> String {
@@ -829,10 +882,17 @@ impl Config {
     fn from_table(table: toml::Table) -> Result<Config> {
         for path in REQUIRED {
             if lookup(&table, path).is_none() {
+                let hint = if path == "tls.cluster_secret" {
+                    " (`quorumkv certs init` writes cluster.secret next to the CA; for a CA made \
+                     before secrets existed, `quorumkv certs secret --dir DIR` writes one, to be \
+                     copied to every node)"
+                } else {
+                    ""
+                };
                 return Err(config_error(
                     path,
                     format!(
-                        "is required: set it in the config file, {} or {}",
+                        "is required: set it in the config file, {} or {}{hint}",
                         env_name(path),
                         flag_name(path)
                     ),
@@ -1066,6 +1126,7 @@ impl Config {
             ("timeouts.connect_timeout_ms", t.connect_timeout_ms),
             ("timeouts.ping_interval_ms", t.ping_interval_ms),
             ("timeouts.peer_down_after_ms", t.peer_down_after_ms),
+            ("timeouts.frame_read_timeout_ms", t.frame_read_timeout_ms),
         ] {
             if value == 0 {
                 return Err(config_error(field, "must be at least 1"));
@@ -1190,9 +1251,18 @@ impl Config {
             ("tls.ca_cert", &self.tls.ca_cert),
             ("tls.cert", &self.tls.cert),
             ("tls.key", &self.tls.key),
+            ("tls.cluster_secret", &self.tls.cluster_secret),
         ] {
             if path.as_os_str().is_empty() {
                 return Err(config_error(field, "must not be empty"));
+            }
+        }
+        for path in &self.tls.cluster_secret_previous {
+            if path.as_os_str().is_empty() {
+                return Err(config_error(
+                    "tls.cluster_secret_previous",
+                    "must not hold an empty path",
+                ));
             }
         }
         Ok(())
@@ -1246,12 +1316,23 @@ fn parse_toml(text: &str, path: &Path) -> Result<toml::Table> {
 
 /// Makes relative path fields absolute against `base` (the config file's directory).
 fn resolve_paths(table: &mut toml::Table, base: &Path) {
+    let resolve = |value: &mut String| {
+        let as_path = Path::new(value.as_str());
+        if as_path.is_relative() && !value.is_empty() {
+            *value = base.join(as_path).to_string_lossy().into_owned();
+        }
+    };
     for path in PATH_FIELDS {
-        if let Some(toml::Value::String(value)) = lookup_mut(table, path) {
-            let as_path = Path::new(value.as_str());
-            if as_path.is_relative() && !value.is_empty() {
-                *value = base.join(as_path).to_string_lossy().into_owned();
+        match lookup_mut(table, path) {
+            Some(toml::Value::String(value)) => resolve(value),
+            Some(toml::Value::Array(values)) => {
+                for value in values {
+                    if let toml::Value::String(value) = value {
+                        resolve(value);
+                    }
+                }
             }
+            _ => {}
         }
     }
 }
@@ -1357,6 +1438,7 @@ mod tests {
         ca_cert = "/certs/ca.pem"
         cert = "/certs/node-n1.pem"
         key = "/certs/node-n1.key"
+        cluster_secret = "/certs/cluster.secret"
     "#;
 
     /// The clap command for the overrides, with every environment variable ignored, so tests
@@ -1540,6 +1622,12 @@ mod tests {
             "/c/n2.pem",
             "--tls-key",
             "/c/n2.key",
+            "--tls-cluster-secret",
+            "/c/cluster.secret",
+            "--tls-cluster-secret-previous",
+            "/c/old-1.secret,/c/old-2.secret",
+            "--timeouts-frame-read-timeout-ms",
+            "36",
         ];
         let config = Config::load(None, &flags(&args)).unwrap();
         let member = |id: &str, address: &str, zone: &str, capacity| MemberConfig {
@@ -1565,6 +1653,7 @@ mod tests {
                 connect_timeout_ms: 12,
                 ping_interval_ms: 13,
                 peer_down_after_ms: 14,
+                frame_read_timeout_ms: 36,
             },
             limits: Limits {
                 key_bytes_max: 15,
@@ -1602,6 +1691,8 @@ mod tests {
                 ca_cert: "/c/ca.pem".into(),
                 cert: "/c/n2.pem".into(),
                 key: "/c/n2.key".into(),
+                cluster_secret: "/c/cluster.secret".into(),
+                cluster_secret_previous: vec!["/c/old-1.secret".into(), "/c/old-2.secret".into()],
             },
             members: vec![
                 member("n1", "h1:7000", "z1", 1),
@@ -1874,10 +1965,18 @@ mod tests {
     fn relative_paths_in_the_file_are_relative_to_the_file() {
         let text = MINIMAL
             .replace("\"/data\"", "\"data\"")
-            .replace("\"/certs/ca.pem\"", "\"certs/ca.pem\"");
+            .replace("\"/certs/ca.pem\"", "\"certs/ca.pem\"")
+            + "cluster_secret_previous = [\"old.secret\", \"/abs/older.secret\"]\n";
         let config = load(&text, &["--tls-key", "k.pem"]).unwrap();
         assert_eq!(config.data_dir, Path::new("/etc/quorumkv/data"));
         assert_eq!(config.tls.ca_cert, Path::new("/etc/quorumkv/certs/ca.pem"));
+        assert_eq!(
+            config.tls.cluster_secret_previous,
+            [
+                Path::new("/etc/quorumkv/old.secret"),
+                Path::new("/abs/older.secret")
+            ]
+        );
         assert_eq!(
             config.tls.key,
             Path::new("k.pem"),

@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! DIR/certs/ca.pem, ca.key                cluster CA (created once)
+//! DIR/certs/cluster.secret                the cluster secret that seals contexts (created once)
 //! DIR/certs/node-<id>.pem/.key            one certificate per node
 //! DIR/certs/client-dev.pem/.key           a client certificate for the CLI
 //! DIR/<id>/node.toml                      each node's configuration
@@ -139,6 +140,11 @@ pub fn prepare(dir: &Path, count: usize, ports: &Ports, ranges: u32) -> Result<L
     if !ca.cert.exists() {
         certs::init_ca(&certs_dir, IfExists::Refuse)?;
     }
+    // A directory laid out before cluster secrets existed gets one now.
+    let cluster_secret = certs::cluster_secret_path(&certs_dir);
+    if !cluster_secret.exists() {
+        certs::write_cluster_secret(&cluster_secret, IfExists::Refuse)?;
+    }
     let client = certs::client_paths(&certs_dir, DEV_CLIENT);
     if !client.cert.exists() {
         certs::issue_client(&certs_dir, DEV_CLIENT, IfExists::Refuse)?;
@@ -199,6 +205,8 @@ pub fn prepare(dir: &Path, count: usize, ports: &Ports, ranges: u32) -> Result<L
                 ca_cert: ca.cert.clone(),
                 cert: node_certs.cert.clone(),
                 key: node_certs.key.clone(),
+                cluster_secret: cluster_secret.clone(),
+                cluster_secret_previous: Vec::new(),
             },
             members: members.clone(),
         };

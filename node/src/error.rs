@@ -7,18 +7,31 @@ use thiserror::Error;
 #[non_exhaustive]
 pub enum Error {
     // --- version vectors and client contexts ---
-    /// The context token is empty, truncated or fails its checksum.
+    /// The context token is empty, truncated, or its contents are undecodable or not canonical.
     #[error("invalid context: {reason}")]
     ContextCorrupt { reason: String },
+    /// The context token's MAC was not made with a cluster secret this node accepts: it was
+    /// forged or damaged, comes from another cluster, is of an unkeyed format from before
+    /// contexts were authenticated, or was sealed with a secret since retired.
+    #[error(
+        "invalid context: it was not issued by this cluster (forged, damaged, or sealed with a \
+         cluster secret no longer accepted); read the key again for a fresh context"
+    )]
+    ContextNotAuthentic,
     /// The context token was written by a format this node does not know.
     #[error("invalid context: unknown format version {version}")]
     ContextUnknownVersion { version: u8 },
     /// The context token belongs to another keyspace or key.
     #[error("invalid context: it was issued for a different key")]
     ContextWrongKey,
-    /// The context token carries more causal entries than the limit allows.
-    #[error("invalid context: {entries} causal entries exceed the limit of {max}")]
-    ContextTooLarge { entries: usize, max: usize },
+    /// The context token is longer, or carries more causal entries, than the limit allows.
+    /// `unit` says which: `"bytes"` or `"causal entries"`.
+    #[error("invalid context: {found} {unit} exceed the limit of {max}")]
+    ContextTooLarge {
+        found: usize,
+        max: usize,
+        unit: &'static str,
+    },
     /// A stored or received key state could not be decoded or breaks an invariant.
     #[error("corrupt key state: {reason}")]
     CorruptState { reason: String },

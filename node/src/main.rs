@@ -2,11 +2,14 @@
 //!
 //! Subcommands (one variant of [`Command`] each):
 //!
-//! - `quorumkv certs init --dir DIR [--force]`: create the cluster CA (`ca.pem`, `ca.key`).
+//! - `quorumkv certs init --dir DIR [--force]`: create the cluster CA (`ca.pem`, `ca.key`) and
+//!   the cluster secret (`cluster.secret`) if there is none.
 //! - `quorumkv certs issue --dir DIR (--node ID | --client NAME) [--force]`: issue a node or
 //!   client certificate signed by the CA in DIR.
+//! - `quorumkv certs secret (--dir DIR | --out FILE) [--force]`: write a new cluster secret
+//!   (for a CA made before secrets existed, or a rotation).
 //! - `quorumkv config check [--config FILE] [flags]`: load and validate a configuration, check
-//!   its TLS files, and print the effective configuration as TOML.
+//!   its TLS files and cluster secrets, and print the effective configuration as TOML.
 //! - `quorumkv start [--config FILE] [flags]`: run a node until SIGINT or SIGTERM, then stop
 //!   it cleanly (flush, write the clean-shutdown incarnation record).
 //! - `quorumkv dev [--nodes 3] [--dir DIR]`: run a local cluster on loopback.
@@ -83,7 +86,8 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum CertsCommand {
-    /// Create the cluster CA in DIR: ca.pem and ca.key (mode 0600).
+    /// Create the cluster CA in DIR: ca.pem and ca.key (mode 0600), and the cluster secret
+    /// cluster.secret (mode 0600) unless one exists.
     Init {
         /// Directory for the CA files (created if missing).
         #[arg(long, value_name = "DIR")]
@@ -100,6 +104,20 @@ enum CertsCommand {
         #[command(flatten)]
         subject: Subject,
         /// Replace an existing certificate and key of the same name.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write a new cluster secret (mode 0600), which seals client contexts: DIR/cluster.secret,
+    /// or --out FILE. Every node needs the same one; clients never do.
+    Secret {
+        /// Directory to write cluster.secret in.
+        #[arg(long, value_name = "DIR", required_unless_present = "out")]
+        dir: Option<PathBuf>,
+        /// The file to write instead (for a rotation: a new secret next to the current one).
+        #[arg(long, value_name = "FILE", conflicts_with = "dir")]
+        out: Option<PathBuf>,
+        /// Replace an existing file. Contexts sealed with the old secret stop working unless
+        /// the nodes keep it in tls.cluster_secret_previous.
         #[arg(long)]
         force: bool,
     },
@@ -267,6 +285,18 @@ fn run_certs(command: CertsCommand) -> anyhow::Result<()> {
             // clap's group makes exactly one of them required.
             (None, None) => anyhow::bail!("give --node ID or --client NAME"),
         },
+        CertsCommand::Secret { dir, out, force } => {
+            let path = match (out, dir) {
+                (Some(out), _) => out,
+                (None, Some(dir)) => certs::cluster_secret_path(&dir),
+                (None, None) => anyhow::bail!("give --dir DIR or --out FILE"),
+            };
+            let secret = certs::write_cluster_secret(&path, if_exists(force))
+                .context("writing the cluster secret")?;
+            println!("{}", path.display());
+            eprintln!("cluster secret {} written", secret.id());
+            return Ok(());
+        }
     };
     println!("{}", paths.cert.display());
     println!("{}", paths.key.display());
@@ -279,6 +309,7 @@ fn run_config(command: ConfigCommand) -> anyhow::Result<()> {
             let config = config.load()?;
             if !skip_tls {
                 tls::check_node_files(&config.tls, &config.node_id)?;
+                certs::load_context_keys(&config.tls)?;
             }
             print!("{}", config.to_toml()?);
             Ok(())
@@ -422,6 +453,10 @@ mod tests {
         ];
         assert!(parse(&both).is_err());
         assert!(parse(&["quorumkv", "certs", "issue", "--dir", "d", "--node", "N1"]).is_err());
+        assert!(parse(&["quorumkv", "certs", "secret", "--dir", "d"]).is_ok());
+        assert!(parse(&["quorumkv", "certs", "secret", "--out", "f"]).is_ok());
+        assert!(parse(&["quorumkv", "certs", "secret"]).is_err());
+        assert!(parse(&["quorumkv", "certs", "secret", "--dir", "d", "--out", "f"]).is_err());
     }
 
     #[test]

@@ -32,6 +32,12 @@ pub const LIMIT_EXCEEDED_TOTAL: &str = "quorumkv_limit_exceeded_total";
 pub const BAD_FRAMES_TOTAL: &str = "quorumkv_bad_frames_total";
 /// Peer connections refused at the handshake, by reason.
 pub const PEER_REFUSED_TOTAL: &str = "quorumkv_peer_refused_total";
+/// Peer messages the core dropped because their sender is not a member of the cluster map.
+pub const PEER_MESSAGES_REFUSED_TOTAL: &str = "quorumkv_peer_messages_refused_total";
+/// Client contexts refused, by reason (`not_authentic`, `invalid`).
+pub const CONTEXTS_REFUSED_TOTAL: &str = "quorumkv_contexts_refused_total";
+/// Streams closed because a frame did not arrive whole within its read deadline, by protocol.
+pub const FRAME_READ_TIMEOUTS_TOTAL: &str = "quorumkv_frame_read_timeouts_total";
 /// 1 if the failure detector believes the peer up, 0 if down.
 pub const PEER_UP: &str = "quorumkv_peer_up";
 /// Peer liveness changes, by direction.
@@ -124,6 +130,18 @@ pub fn describe() {
     describe_counter!(
         PEER_REFUSED_TOTAL,
         "Peer connections refused at the handshake, by reason."
+    );
+    describe_counter!(
+        PEER_MESSAGES_REFUSED_TOTAL,
+        "Peer messages dropped because their sender is not in the cluster map."
+    );
+    describe_counter!(
+        CONTEXTS_REFUSED_TOTAL,
+        "Client contexts refused, by reason (not_authentic: no accepted cluster secret sealed it)."
+    );
+    describe_counter!(
+        FRAME_READ_TIMEOUTS_TOTAL,
+        "Streams closed because a frame did not arrive whole within its read deadline, by protocol."
     );
     describe_gauge!(
         PEER_UP,
@@ -241,6 +259,21 @@ pub fn bad_frame(protocol: &'static str) {
 /// A peer connection refused at the handshake.
 pub fn peer_refused(reason: &'static str) {
     counter!(PEER_REFUSED_TOTAL, "reason" => reason).increment(1);
+}
+
+/// A peer message dropped because its sender is not a member.
+pub fn peer_message_refused() {
+    counter!(PEER_MESSAGES_REFUSED_TOTAL).increment(1);
+}
+
+/// A client context refused for `reason` (`not_authentic`, `invalid`).
+pub fn context_refused(reason: &'static str) {
+    counter!(CONTEXTS_REFUSED_TOTAL, "reason" => reason).increment(1);
+}
+
+/// A stream closed because a frame on `protocol` (`client` or `peer`) was not read in time.
+pub fn frame_read_timeout(protocol: &'static str) {
+    counter!(FRAME_READ_TIMEOUTS_TOTAL, "protocol" => protocol).increment(1);
 }
 
 /// The failure detector changed its mind about `peer`.

@@ -17,7 +17,10 @@
 //! `quorumkv://node/<id>` or `quorumkv://client/<name>` URI SAN) and [`check_peer`] applies
 //! the rule that matters: **only node certificates may speak the peer protocol**, because a
 //! peer can write any key without a quorum. A node that claims an id (in its hello) is held
-//! to the id in its certificate by [`check_claimed_node`].
+//! to the id in its certificate by [`check_claimed_node`]. A node certificate is not enough on
+//! its own: the CA may have issued one for an id that was never (or is no longer) a member, so
+//! the listener (`server/listener.rs`) admits to the peer protocol only the node ids of the
+//! cluster map, and the core drops any peer message from another sender.
 //!
 //! The dialing side authenticates the server too: nodes dial each other by the name
 //! `<id>.node.quorumkv`, which only that node's certificate carries, so a node cannot answer
@@ -453,6 +456,8 @@ mod tests {
                 ca_cert: self.ca(),
                 cert: paths.cert,
                 key: paths.key,
+                cluster_secret: PathBuf::from("cluster.secret"),
+                cluster_secret_previous: Vec::new(),
             }
         }
 
@@ -752,6 +757,8 @@ mod tests {
             ca_cert: pki.ca(),
             cert: foreign.cert,
             key: foreign.key,
+            cluster_secret: PathBuf::from("cluster.secret"),
+            cluster_secret_previous: Vec::new(),
         };
         let err = check_node_files(&tls, &id("n1")).unwrap_err();
         assert!(err.to_string().contains("not accepted by the CA"), "{err}");
@@ -768,6 +775,8 @@ mod tests {
             ca_cert: pki.ca(),
             cert: alice.cert,
             key: alice.key,
+            cluster_secret: PathBuf::from("cluster.secret"),
+            cluster_secret_previous: Vec::new(),
         };
         assert!(check_node_files(&tls, &id("n1")).is_err());
     }

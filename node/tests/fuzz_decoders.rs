@@ -6,7 +6,7 @@
 //! | --- | --- |
 //! | `quorumkv_client::frame::decode_header`, `decode_frame`, `decode_body` | every stream: client requests at a node, answers at a client, peer messages and hellos |
 //! | `Context::from_str`, `version_vector::token_from_text` | a context's text form, typed or pasted by a user |
-//! | `version_vector::decode_token` (formats 1 and 2) | the context a client sends back with a write |
+//! | `version_vector::decode_token` (format 3, sealed with the fuzz secret) | the context a client sends back with a write |
 //! | `KeyState::decode` (formats 1 and 2) | a replica's state in `Replicate` and `ReadReply`, and every state read from disk |
 //! | `storage::decode_incarnation`, `sled_store::decode_entry` | records read back from the data directory |
 //! | `tls::Identity::from_certificate_der` | the certificate a peer or client presents |
@@ -93,11 +93,6 @@ fn peer_hellos() {
 #[test]
 fn context_tokens() {
     check(&TOKEN, CASES);
-}
-
-#[test]
-fn context_tokens_of_format_1() {
-    check(&TOKEN_V1, CASES);
 }
 
 #[test]
@@ -301,19 +296,11 @@ proptest! {
 
     #[test]
     fn tokens_round_trip(context in client_context(), key in vec(any::<u8>(), 0..32)) {
-        let token = encode_token(&context, "ks", &key);
+        let token = encode_token(fuzz_keys(), &context, "ks", &key);
         let entries = context.context.len().max(context.writes().len());
-        prop_assert_eq!(decode_token(&token, "ks", &key, entries).unwrap(), context);
+        prop_assert_eq!(decode_token(fuzz_keys(), &token, "ks", &key, entries).unwrap(), context);
         let text = token_to_text(&token);
         prop_assert_eq!(token_from_text(&text).unwrap(), token);
-    }
-
-    /// Tokens handed out before format 2 still decode, to the same dots and no writes.
-    #[test]
-    fn tokens_of_format_1_decode(context in causal_context()) {
-        let token = token_v1_around(rmp_serde::to_vec(&context).unwrap());
-        let decoded = decode_token(&token, TOKEN_KEYSPACE, TOKEN_KEY, usize::MAX).unwrap();
-        prop_assert_eq!(decoded, ClientContext::from(context));
     }
 
     /// States written before format 2 still decode, with no retired writes.
@@ -378,6 +365,6 @@ fn token_sealing_matches_the_node() {
         CausalContext::from_dots([Dot::new(Actor(9), 3)]),
         [RequestId([7; 16])],
     );
-    let token = encode_token(&context, TOKEN_KEYSPACE, TOKEN_KEY);
+    let token = encode_token(fuzz_keys(), &context, TOKEN_KEYSPACE, TOKEN_KEY);
     assert_eq!(token_around(token_payload(&context)), token);
 }

@@ -90,6 +90,7 @@ impl NodeCore {
         // The writer knows its own write: a later write with this context supersedes every copy
         // of it, including one a retry left at another coordinator.
         let reply_context = Context::from_bytes(version_vector::encode_token(
+            &self.config.context_keys,
             &ClientContext::new(outcome.context, [request_id]),
             checked.keyspace,
             checked.key,
@@ -284,6 +285,7 @@ impl NodeCore {
             None => Ok(ClientContext::default()),
             Some(token) if token.is_empty() => Ok(ClientContext::default()),
             Some(token) => version_vector::decode_token(
+                &self.config.context_keys,
                 token.as_bytes(),
                 checked.keyspace,
                 checked.key,
@@ -292,8 +294,24 @@ impl NodeCore {
                     .saturating_mul(CONTEXT_TOKEN_SLACK),
             )
             .map_err(|e| {
-                if matches!(e, crate::Error::ContextTooLarge { .. }) {
-                    metrics::limit_exceeded("context_entries");
+                match &e {
+                    crate::Error::ContextTooLarge { unit: "bytes", .. } => {
+                        metrics::limit_exceeded("context_bytes")
+                    }
+                    crate::Error::ContextTooLarge { .. } => {
+                        metrics::limit_exceeded("context_entries")
+                    }
+                    crate::Error::ContextNotAuthentic => {
+                        // A forgery, damage in transit, or a context from before a secret was
+                        // retired: worth seeing, but a client sent it, so not above `info`.
+                        metrics::context_refused("not_authentic");
+                        tracing::info!(
+                            keyspace = %checked.keyspace.escape_debug(),
+                            key_bytes = checked.key.len(),
+                            "refused a context that no accepted cluster secret sealed"
+                        );
+                    }
+                    _ => metrics::context_refused("invalid"),
                 }
                 invalid(e.to_string())
             }),

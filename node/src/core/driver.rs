@@ -418,7 +418,12 @@ impl Driver {
                 return true;
             }
         }
-        if self.nodes[&to].core.is_none() {
+        let Some(destination) = self.nodes.get(&to) else {
+            // Addressed to a node outside the driven cluster (an answer to an injected
+            // message): nobody receives it.
+            return true;
+        };
+        if destination.core.is_none() {
             // The destination is down: the sender's transport cannot reach it.
             if let Some(op) = message.request_op() {
                 self.feed(&from, Input::SendFailed { to, ops: vec![op] });
@@ -567,6 +572,12 @@ impl Driver {
         id[..8].copy_from_slice(&self.next_request.to_be_bytes());
         self.next_request += 1;
         RequestId(id)
+    }
+
+    /// Hands `node` a peer message that claims to come from `from`, which need not be a
+    /// member: what a hostile or misconfigured node's connection would deliver.
+    pub fn inject_peer(&mut self, node: &NodeId, from: NodeId, message: PeerMessage) {
+        self.feed(node, Input::Peer { from, message });
     }
 
     fn feed(&mut self, node: &NodeId, input: Input) {

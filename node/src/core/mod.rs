@@ -112,6 +112,12 @@ pub struct ClusterMap {
 }
 
 impl ClusterMap {
+    /// Whether `node` is a member: listed in the map and placed on the ring. Only members may
+    /// speak the peer protocol.
+    pub fn is_member(&self, node: &NodeId) -> bool {
+        self.addresses.contains_key(node) && self.ring.node(node).is_some()
+    }
+
     /// A hash of everything members must agree on, in hex. Peers compare it at connect time.
     pub fn fingerprint(&self) -> String {
         let mut hasher = blake3::Hasher::new();
@@ -160,6 +166,11 @@ pub struct CoreConfig {
     pub anti_entropy: AntiEntropyConfig,
     /// Removal of deleted keys once safe (`[tombstones]`).
     pub tombstones: TombstoneConfig,
+    /// The cluster secrets that seal and check client context tokens (`tls.cluster_secret`,
+    /// `tls.cluster_secret_previous`). The default is a random secret made once per process,
+    /// shared by every core of the process (the driver, the simulation, in-process tests),
+    /// so no well-known key exists; a node always replaces it with the secret file it loads.
+    pub context_keys: crate::version_vector::ContextKeys,
 }
 
 impl Default for CoreConfig {
@@ -180,8 +191,17 @@ impl Default for CoreConfig {
             hint_delivery_batch: 64,
             anti_entropy: AntiEntropyConfig::default(),
             tombstones: TombstoneConfig::default(),
+            context_keys: process_context_keys(),
         }
     }
+}
+
+/// A random cluster secret made once per process, for [`CoreConfig::default`].
+fn process_context_keys() -> crate::version_vector::ContextKeys {
+    use crate::version_vector::{ClusterSecret, ContextKeys};
+    static KEYS: std::sync::OnceLock<ContextKeys> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| ContextKeys::new(ClusterSecret::from_bytes(rand::random()), []))
+        .clone()
 }
 
 /// How many times `context_entries_max` entries a client's context token may carry: room for
@@ -489,6 +509,19 @@ impl NodeCore {
                 self.on_request(now, Origin::Client(handle), request, storage, out)
             }
             Input::Peer { from, message } => {
+                // Only members speak the peer protocol: the listener refuses other node
+                // certificates at connect time, and the core refuses their messages too, so no
+                // path (a transport bug, a test harness, a future transport) lets a non-member
+                // write a replica, answer for one, or count as a live peer.
+                if !self.map.is_member(&from) {
+                    metrics::peer_message_refused();
+                    tracing::warn!(
+                        peer = %from,
+                        kind = message.kind(),
+                        "message from a node outside the cluster map refused"
+                    );
+                    return;
+                }
                 if let Some(transition) = self.detector.heard_from(&from, now.monotonic_ms) {
                     log_transition(&transition);
                 }

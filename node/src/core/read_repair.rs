@@ -222,6 +222,7 @@ impl NodeCore {
             .map(|sibling| sibling.request_id)
             .take(self.config.context_entries_max);
         let token = version_vector::encode_token(
+            &self.config.context_keys,
             &ClientContext::new(read.merged.context().clone(), shown),
             &read.keyspace,
             &read.key,

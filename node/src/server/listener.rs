@@ -6,25 +6,36 @@
 //! * **Client protocol.** Each bidirectional stream carries one request frame and gets one
 //!   response frame. A malformed or oversized frame gets an `InvalidRequest` answer on that
 //!   stream and a metric; the connection and the node keep serving.
-//! * **Peer protocol.** Only node certificates are accepted; a client certificate is refused
-//!   with a close reason. The first frame of the first unidirectional stream must be a `Hello`
-//!   whose node id matches the certificate and whose cluster-map fingerprint matches ours;
-//!   otherwise the connection is closed with a reason that names both fingerprints. After
+//! * **Peer protocol.** Only node certificates of *members* are accepted: a client
+//!   certificate, or a node certificate (however properly issued by the cluster CA) for an id
+//!   that is not in the cluster map, is refused with a close reason, a metric and a log line
+//!   before a byte of the connection is read. The first frame of the first unidirectional
+//!   stream must be a `Hello` whose node id matches the certificate and whose cluster-map
+//!   fingerprint matches ours; otherwise the connection is closed with a reason that names
+//!   both fingerprints. After
 //!   that, every frame on that stream (and on any later unidirectional stream of the
 //!   connection) is one peer message for the core, tagged with the certificate's node id
 //!   (never an id the message claims). Messages go into the core's inbox in stream order; when
 //!   the inbox is over its byte budget the reader waits, and QUIC flow control slows the
 //!   sender (see `core_task`). A frame that does not decode ends that stream: the stream cannot
 //!   be trusted to be in step after it.
+//!
+//! Every frame is read with `quorumkv_client::frame_io::read_frame`: its body grows only with
+//! the bytes that arrive, and it must arrive whole within `timeouts.frame_read_timeout_ms`
+//! (counted from the stream's opening for a client request, from the frame's first byte on a
+//! peer's long-lived stream). A frame that stalls gets its stream stopped, a metric
+//! (`quorumkv_frame_read_timeouts_total`) and a log line.
 
 use super::core_task::CoreHandle;
 use crate::core::Input;
 use crate::metrics;
 use crate::peer::{Hello, PeerMessage};
 use crate::tls::{self, Identity, PEER_ALPN};
-use quorumkv_client::frame::{decode_body, decode_header, encode_frame, FRAME_HEADER_LEN};
+use quorumkv_client::frame::{decode_body, encode_frame, FRAME_HEADER_LEN};
+use quorumkv_client::frame_io::{read_frame, Deadline, ReadFrameError};
 use quorumkv_client::protocol::{ErrorKind, ErrorReply, Request, Response, CLIENT_ALPN};
 use quorumkv_ring::NodeId;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -39,6 +50,16 @@ pub mod close_code {
     pub const FINGERPRINT_MISMATCH: u32 = 0x12;
     /// The ALPN is neither protocol.
     pub const UNKNOWN_PROTOCOL: u32 = 0x13;
+    /// The peer's certificate names a node that is not a member of the cluster map.
+    pub const NOT_A_MEMBER: u32 = 0x14;
+}
+
+/// Error codes the node stops or resets streams with.
+pub mod stream_code {
+    /// A frame was refused (malformed or oversized); the rest of the stream is not read.
+    pub const REFUSED_FRAME: u32 = 1;
+    /// A frame did not arrive whole within the frame read deadline.
+    pub const FRAME_TIMEOUT: u32 = 2;
 }
 
 /// How long a peer has to send its hello.
@@ -52,7 +73,11 @@ pub type PeerHelloHook = Arc<dyn Fn(&NodeId, u64) + Send + Sync>;
 pub struct ListenerConfig {
     pub me: NodeId,
     pub fingerprint: String,
+    /// The members of the cluster map: the only node identities the peer protocol accepts.
+    pub members: Arc<BTreeSet<NodeId>>,
     pub frame_bytes_max: u32,
+    /// How long a frame has to arrive whole (`timeouts.frame_read_timeout_ms`).
+    pub frame_read_timeout: Duration,
     /// Told when a peer has connected to us and passed its hello: it is up now, so our own
     /// outgoing link to it should be (re)established at once (see `transport::quic`).
     pub on_peer_hello: PeerHelloHook,
@@ -63,7 +88,9 @@ impl std::fmt::Debug for ListenerConfig {
         f.debug_struct("ListenerConfig")
             .field("me", &self.me)
             .field("fingerprint", &self.fingerprint)
+            .field("members", &self.members)
             .field("frame_bytes_max", &self.frame_bytes_max)
+            .field("frame_read_timeout", &self.frame_read_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -102,7 +129,18 @@ async fn serve_connection(connection: quinn::Connection, config: ListenerConfig,
     match alpn.as_deref() {
         Some(alpn) if alpn == CLIENT_ALPN => serve_client(connection, config, core).await,
         Some(alpn) if alpn == PEER_ALPN => match identity {
-            Identity::Node(node) => serve_peer(connection, node, config, core).await,
+            Identity::Node(node) if config.members.contains(&node) => {
+                serve_peer(connection, node, config, core).await
+            }
+            Identity::Node(node) => {
+                metrics::peer_refused("not_a_member");
+                let reason = format!(
+                    "node {node} is not a member of this cluster's map; the peer protocol accepts \
+                     members only"
+                );
+                tracing::warn!(remote = %connection.remote_address(), %reason, "peer refused");
+                connection.close(close_code::NOT_A_MEMBER.into(), reason.as_bytes());
+            }
             other => {
                 metrics::peer_refused("not_a_node");
                 let reason = format!("the peer protocol accepts node certificates only; {other} presented a client certificate");
@@ -122,8 +160,24 @@ async fn serve_connection(connection: quinn::Connection, config: ListenerConfig,
 async fn serve_client(connection: quinn::Connection, config: ListenerConfig, core: CoreHandle) {
     while let Ok((send, recv)) = connection.accept_bi().await {
         let core = core.clone();
-        let max = config.frame_bytes_max;
-        tokio::spawn(serve_client_stream(send, recv, core, max));
+        let limits = FrameLimits::of(&config);
+        tokio::spawn(serve_client_stream(send, recv, core, limits));
+    }
+}
+
+/// How frames are read: at most this long, within this long.
+#[derive(Clone, Copy, Debug)]
+struct FrameLimits {
+    bytes_max: u32,
+    timeout: Duration,
+}
+
+impl FrameLimits {
+    fn of(config: &ListenerConfig) -> FrameLimits {
+        FrameLimits {
+            bytes_max: config.frame_bytes_max,
+            timeout: config.frame_read_timeout,
+        }
     }
 }
 
@@ -131,10 +185,13 @@ async fn serve_client_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     core: CoreHandle,
-    max: u32,
+    limits: FrameLimits,
 ) {
     let started = Instant::now();
-    let response = match read_frame(&mut recv, max).await {
+    let max = limits.bytes_max;
+    // A request stream exists to carry one frame: its deadline starts now.
+    let read = read_frame(&mut recv, max, limits.timeout, Deadline::FromNow).await;
+    let response = match read {
         Ok(body) => match decode_body::<Request>(&body) {
             Ok(request) => {
                 let operation = operation(&request);
@@ -150,12 +207,19 @@ async fn serve_client_stream(
             }
             Err(e) => bad_frame(format!("malformed request: {e}")),
         },
-        Err(ReadError::Frame(e)) => {
+        Err(ReadFrameError::Refused(e)) => {
             // Tell the sender to stop: we will not read the rest of an oversized frame.
-            let _ = recv.stop(quinn::VarInt::from_u32(1));
+            let _ = recv.stop(quinn::VarInt::from_u32(stream_code::REFUSED_FRAME));
             bad_frame(format!("refused frame: {e}"))
         }
-        Err(ReadError::Stream(e)) => {
+        Err(e @ ReadFrameError::TimedOut { .. }) => {
+            metrics::frame_read_timeout("client");
+            tracing::info!(reason = %e, "client request stream closed: its frame stalled");
+            let _ = recv.stop(quinn::VarInt::from_u32(stream_code::FRAME_TIMEOUT));
+            let _ = send.reset(quinn::VarInt::from_u32(stream_code::FRAME_TIMEOUT));
+            return;
+        }
+        Err(e) => {
             tracing::debug!(error = %e, "client stream ended before a full request");
             return;
         }
@@ -228,10 +292,10 @@ async fn serve_peer(
     };
     tracing::debug!(peer = %node, instance = hello.instance, "peer connected");
     (config.on_peer_hello)(&node, hello.instance);
-    let max = config.frame_bytes_max;
-    tokio::spawn(read_peer_stream(first, node.clone(), core.inbox(), max));
+    let limits = FrameLimits::of(&config);
+    tokio::spawn(read_peer_stream(first, node.clone(), core.inbox(), limits));
     while let Ok(recv) = connection.accept_uni().await {
-        tokio::spawn(read_peer_stream(recv, node.clone(), core.inbox(), max));
+        tokio::spawn(read_peer_stream(recv, node.clone(), core.inbox(), limits));
     }
 }
 
@@ -240,13 +304,27 @@ async fn read_peer_stream(
     mut recv: quinn::RecvStream,
     node: NodeId,
     inbox: super::core_task::InboxSender,
-    max: u32,
+    limits: FrameLimits,
 ) {
     loop {
-        let body = match read_frame(&mut recv, max).await {
+        // A peer's stream is long-lived and may be quiet between frames; inside one it may not.
+        let read = read_frame(
+            &mut recv,
+            limits.bytes_max,
+            limits.timeout,
+            Deadline::FromFirstByte,
+        )
+        .await;
+        let body = match read {
             Ok(body) => body,
-            Err(ReadError::Stream(_)) => return,
-            Err(e @ ReadError::Frame(_)) => return refuse_peer_stream(&mut recv, &node, &e),
+            Err(e @ ReadFrameError::Refused(_)) => return refuse_peer_stream(&mut recv, &node, &e),
+            Err(e @ ReadFrameError::TimedOut { .. }) => {
+                metrics::frame_read_timeout("peer");
+                tracing::warn!(peer = %node, reason = %e, "peer stream closed: a frame stalled");
+                let _ = recv.stop(quinn::VarInt::from_u32(stream_code::FRAME_TIMEOUT));
+                return;
+            }
+            Err(_) => return,
         };
         match decode_body::<PeerMessage>(&body) {
             Ok(message) => {
@@ -266,7 +344,7 @@ async fn read_peer_stream(
 fn refuse_peer_stream(recv: &mut quinn::RecvStream, node: &NodeId, reason: &dyn std::fmt::Display) {
     metrics::bad_frame("peer");
     tracing::warn!(peer = %node, %reason, "bad peer frame; the rest of its stream is ignored");
-    let _ = recv.stop(quinn::VarInt::from_u32(1));
+    let _ = recv.stop(quinn::VarInt::from_u32(stream_code::REFUSED_FRAME));
 }
 
 /// Waits for the first stream of a peer connection and checks the hello at its start. Returns
@@ -278,9 +356,14 @@ async fn check_hello(
 ) -> Result<(Hello, quinn::RecvStream), (u32, String)> {
     let (hello, recv) = tokio::time::timeout(HELLO_TIMEOUT, async {
         let mut recv = connection.accept_uni().await.map_err(|e| e.to_string())?;
-        let body = read_frame(&mut recv, config.frame_bytes_max)
-            .await
-            .map_err(|e| e.to_string())?;
+        let body = read_frame(
+            &mut recv,
+            config.frame_bytes_max,
+            config.frame_read_timeout.min(HELLO_TIMEOUT),
+            Deadline::FromNow,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         let hello = decode_body::<Hello>(&body).map_err(|e| e.to_string())?;
         Ok::<_, String>((hello, recv))
     })
@@ -316,37 +399,4 @@ async fn check_hello(
         ));
     }
     Ok((hello, recv))
-}
-
-// ----- frames --------------------------------------------------------------------------------
-
-#[derive(Debug)]
-enum ReadError {
-    /// The header was refused (oversized, unknown version).
-    Frame(quorumkv_client::Error),
-    /// The stream failed or ended early.
-    Stream(String),
-}
-
-impl std::fmt::Display for ReadError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ReadError::Frame(e) => write!(f, "{e}"),
-            ReadError::Stream(e) => write!(f, "stream: {e}"),
-        }
-    }
-}
-
-/// Reads one frame body, checking the header before allocating for the body.
-async fn read_frame(recv: &mut quinn::RecvStream, max: u32) -> Result<Vec<u8>, ReadError> {
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    recv.read_exact(&mut header)
-        .await
-        .map_err(|e| ReadError::Stream(e.to_string()))?;
-    let len = decode_header(header, max).map_err(ReadError::Frame)?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| ReadError::Stream(e.to_string()))?;
-    Ok(body)
 }

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::storage::sled_store::{SledOptions, SledStorage};
 use crate::storage::Storage;
 use crate::transport::quic::{PeerRoute, QuicTransport, QuicTransportConfig};
-use crate::version_vector::{on_clean_shutdown, on_start};
+use crate::version_vector::{on_clean_shutdown, on_start, ContextKeys};
 use crate::{metrics, tls, Result as NodeResult};
 use quorumkv_ring::{Node, Ring, RingConfig};
 use std::future::Future;
@@ -71,8 +71,9 @@ pub fn cluster_map(config: &Config) -> NodeResult<ClusterMap> {
     })
 }
 
-/// The core's knobs, taken from the node configuration.
-pub fn core_config(config: &Config) -> CoreConfig {
+/// The core's knobs, taken from the node configuration and the cluster secrets it names
+/// (loaded by [`crate::certs::load_context_keys`]).
+pub fn core_config(config: &Config, context_keys: ContextKeys) -> CoreConfig {
     CoreConfig {
         request_timeout_ms: config.timeouts.request_timeout_ms,
         ping_interval_ms: config.timeouts.ping_interval_ms,
@@ -104,6 +105,7 @@ pub fn core_config(config: &Config) -> CoreConfig {
             interval_ms: config.tombstones.interval_ms,
             batch: config.tombstones.batch,
         },
+        context_keys,
     }
 }
 
@@ -114,6 +116,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let me = config.node_id.clone();
+    // Before anything else: a node without its cluster secret could hand out contexts no other
+    // node accepts, so it does not start.
+    let context_keys = crate::certs::load_context_keys(&config.tls)?;
+    tracing::info!(
+        node = %me,
+        secret = %context_keys.current(),
+        previous = context_keys.previous().len(),
+        "cluster secret loaded"
+    );
     let map = Arc::new(cluster_map(&config)?);
     let fingerprint = map.fingerprint();
 
@@ -178,7 +189,7 @@ pub async fn run(
     let core = NodeCore::new(
         me.clone(),
         map.clone(),
-        core_config(&config),
+        core_config(&config, context_keys),
         clock,
         instance,
         core_task::now(clock_origin),
@@ -206,7 +217,15 @@ pub async fn run(
         listener::ListenerConfig {
             me: me.clone(),
             fingerprint,
+            members: Arc::new(
+                map.addresses
+                    .keys()
+                    .filter(|id| map.is_member(id))
+                    .cloned()
+                    .collect(),
+            ),
             frame_bytes_max: config.limits.frame_bytes_max,
+            frame_read_timeout: Duration::from_millis(config.timeouts.frame_read_timeout_ms),
             on_peer_hello: {
                 let transport = transport.clone();
                 Arc::new(move |node: &quorumkv_ring::NodeId, instance| {

@@ -188,18 +188,21 @@
 //! # How it fails
 //!
 //! - Bytes that are not a valid state decode to [`Error::CorruptState`]; client tokens that are
-//!   empty, truncated, damaged or undecodable to [`Error::ContextCorrupt`], a token of an
-//!   unknown format to [`Error::ContextUnknownVersion`], of another key to
-//!   [`Error::ContextWrongKey`], too large to [`Error::ContextTooLarge`]. Never a panic, and
+//!   too long or hold too many entries to [`Error::ContextTooLarge`] (the length is checked
+//!   first), whose MAC no accepted cluster secret made (forged, damaged, of the old unkeyed
+//!   formats, or sealed with a retired secret) to [`Error::ContextNotAuthentic`], empty,
+//!   truncated or undecodable to [`Error::ContextCorrupt`], an authentic token of an unknown
+//!   format to [`Error::ContextUnknownVersion`], of another key to
+//!   [`Error::ContextWrongKey`]. Never a panic, and
 //!   never a silent fall-back to an empty context (which would turn an update into a sibling).
 //!   A client that has no context sends none, and the caller uses [`CausalContext::new`].
 //! - [`KeyState::update`] refuses a dot that is not fresh ([`Error::DotNotFresh`]: a clock bug,
 //!   a state that is not the coordinator's own, or a key whose counter reached `u64::MAX`,
 //!   which saturates rather than wraps) and a client context that claims a dot its coordinator
 //!   has not issued for the key ([`Error::ContextClaimsUnissuedDot`]), leaving the state
-//!   unchanged. The second catches some forged tokens and some uses of a reused actor; tokens
-//!   carry a checksum, not a MAC, so a forged context that claims another actor's future dots
-//!   is not detected here. Neither catches a precondition broken without a trace (a write
+//!   unchanged. The second catches some uses of a reused actor; forged contexts (one that
+//!   claims another actor's future dots, say) do not get this far, because tokens carry a MAC
+//!   under the cluster secret that only nodes hold. Neither catches a precondition broken without a trace (a write
 //!   applied to a stale copy, two writes of a key coordinated at once): those reuse a dot.
 //! - Nothing here enforces limits by dropping data. [`KeyState::sibling_count`] lets the caller
 //!   refuse a write when a key has too many siblings, and `decode_token`'s `max_entries` bounds
@@ -208,7 +211,7 @@
 //!   never removed: every unclean restart, wiped data directory or local deletion gives its
 //!   node a new actor, which adds an entry to every key written through the node afterwards.
 //!   A key written 1,000 times through one node that never restarted uncleanly has a one-entry
-//!   context (a 32-byte token). Cloud dots are transient in stored states (they fold as the
+//!   context (a token of under 64 bytes). Cloud dots are transient in stored states (they fold as the
 //!   replicas' states join, except around dots lost for good with a wiped node) but not in a
 //!   client's hands: a client that keeps writing with the
 //!   contexts its own puts return, while another client writes the same key through the same
@@ -227,23 +230,26 @@
 //! The client token ([`encode_token`], [`decode_token`]) is
 //!
 //! ```text
-//! body  = version u8 (= 2; version 1 tokens, without the writes, are still read)
+//! body  = version u8 (= 3)
 //!      || binding  8 bytes = BLAKE3("quorumkv/context-binding/v1\0" || len(keyspace) u64 LE
 //!                                   || keyspace || len(key) u64 LE || key)[..8]
 //!      || MessagePack([CausalContext, [RequestId, ...]])   (a ClientContext)
-//! token = body || checksum 8 bytes = BLAKE3("quorumkv/context-checksum/v1\0" || body)[..8]
+//! token = body || MAC 32 bytes = keyed BLAKE3(cluster secret, "quorumkv/context-mac/v3\0" || body)
 //! ```
 //!
-//! The trailing checksum is the outer frame, kept by every future version, so it is checked
-//! first: random damage anywhere (the version byte included) is reported as corrupt, and only
-//! an intact token of another format as an unknown version. Then the version, the binding
-//! (another key's token is refused, never applied to this key), the context (it must be
-//! normalised and canonical, the writes sorted) and its size. [`token_to_text`] and
-//! [`token_from_text`] convert to and from base64url without padding for the CLI and JSON.
+//! The decoder checks the token's length against [`token_bytes_max`], then the MAC with every
+//! accepted secret ([`ContextKeys`]: the current one, which seals every new token, and the
+//! previous ones of a rotation), before it reads a byte of the body; then the version, the
+//! binding (another key's token is refused, never applied to this key), the context (it must be
+//! normalised and canonical, the writes sorted) and its entries. Versions 1 and 2 were sealed
+//! with an unkeyed checksum anyone could compute and are refused as not authentic.
+//! [`token_to_text`] and [`token_from_text`] convert to and from base64url without padding for
+//! the CLI and JSON.
 //!
 //! [`Error::CorruptState`]: crate::Error::CorruptState
 //! [`Error::ContextCorrupt`]: crate::Error::ContextCorrupt
 //! [`Error::ContextUnknownVersion`]: crate::Error::ContextUnknownVersion
+//! [`Error::ContextNotAuthentic`]: crate::Error::ContextNotAuthentic
 //! [`Error::ContextWrongKey`]: crate::Error::ContextWrongKey
 //! [`Error::ContextTooLarge`]: crate::Error::ContextTooLarge
 //! [`Error::DotNotFresh`]: crate::Error::DotNotFresh
@@ -260,7 +266,8 @@ pub use state::{
     KeyState, RequestId, Retired, Sibling, UpdateOutcome, RETIRED_WRITES_MAX, STATE_FORMAT_VERSION,
 };
 pub use token::{
-    decode_token, encode_token, token_from_text, token_to_text, ClientContext, TOKEN_FORMAT_VERSION,
+    decode_token, encode_token, token_bytes_max, token_from_text, token_to_text, ClientContext,
+    ClusterSecret, ContextKeys, CLUSTER_SECRET_LEN, TOKEN_FORMAT_VERSION,
 };
 
 #[cfg(test)]

@@ -373,8 +373,12 @@ impl Store {
     }
 }
 
+fn test_keys() -> super::ContextKeys {
+    super::ContextKeys::new(super::ClusterSecret::from_bytes([5; 32]), [])
+}
+
 fn token_len(context: &CausalContext, key: &str) -> usize {
-    encode_token(&context.clone().into(), "ks", key.as_bytes()).len()
+    encode_token(&test_keys(), &context.clone().into(), "ks", key.as_bytes()).len()
 }
 
 /// A hot key written 1,000 times through one coordinator, each write with the context of a
@@ -418,9 +422,11 @@ fn a_hot_key_keeps_a_one_entry_context() {
         last.version_vector().get(&Actor(RANDOM_ACTOR)),
         Some(&1_000)
     );
-    let token = encode_token(&last.clone().into(), "ks", b"hot");
+    let token = encode_token(&test_keys(), &last.clone().into(), "ks", b"hot");
     assert_eq!(
-        decode_token(&token, "ks", b"hot", 256).unwrap().context,
+        decode_token(&test_keys(), &token, "ks", b"hot", 256)
+            .unwrap()
+            .context,
         last
     );
 }
@@ -437,8 +443,8 @@ fn a_node_wide_counter_grows_a_hot_keys_context_with_every_write() {
     });
     println!("node-wide counter, 1,000 writes: {entries} entries, {bytes}-byte tokens");
     assert!(entries > 256, "{entries} entries");
-    let token = encode_token(&last.clone().into(), "ks", b"hot");
-    let err = decode_token(&token, "ks", b"hot", 256);
+    let token = encode_token(&test_keys(), &last.clone().into(), "ks", b"hot");
+    let err = decode_token(&test_keys(), &token, "ks", b"hot", 256);
     assert!(
         matches!(err, Err(crate::Error::ContextTooLarge { .. })),
         "{err:?}"

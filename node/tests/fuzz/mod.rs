@@ -6,20 +6,21 @@
 //! # The inputs
 //!
 //! Purely random bytes rarely get past a decoder's first byte: a frame wants version 1, a key
-//! state wants its format byte, a token wants a checksum over everything else, and
+//! state wants its format byte, a token wants a MAC over everything else, and
 //! MessagePack wants a map whose keys are our field names. So each target is fed a mix of
 //!
 //! 1. **random bytes**, which do test the first checks;
 //! 2. **random MessagePack** ([`msgpack`]): well-formed trees whose strings come from a
 //!    dictionary of our field and variant names ([`WORDS`]) and whose leaves include headers
 //!    that claim gigabytes, wrapped the way the target expects (framed, prefixed with a format
-//!    byte, sealed with a token's checksum), so they reach the code behind those checks;
+//!    byte, sealed with a token's MAC under the fuzz secret), so they reach the code behind
+//!    those checks;
 //! 3. **mutations of valid encodings** ([`Mutation`]): generated messages, encoded, then
 //!    damaged by bit flips, byte changes, truncation, deletion, insertion, splices of their own
 //!    bytes, and length fields rewritten to huge values. These are nearly valid, so they travel
 //!    deepest: this is where decoders that trust a length, an index or an invariant break.
 //!    Mutations are applied both before the target's wrapping (so a damaged body still has a
-//!    correct frame header and a damaged token a correct checksum) and after it.
+//!    correct frame header and a damaged token a correct MAC) and after it.
 //!
 //! # The run's size
 //!

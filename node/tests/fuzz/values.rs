@@ -13,8 +13,8 @@ use quorumkv_client::protocol::{
 use quorumkv_client::{Context, RequestId as ClientRequestId};
 use quorumkv_node::peer::{Hello, OpId, PeerMessage};
 use quorumkv_node::version_vector::{
-    encode_token, Actor, CausalContext, ClientContext, Dot, IncarnationRecord, KeyState, RequestId,
-    TOKEN_FORMAT_VERSION,
+    encode_token, Actor, CausalContext, ClientContext, ClusterSecret, ContextKeys, Dot,
+    IncarnationRecord, KeyState, RequestId, TOKEN_FORMAT_VERSION,
 };
 use quorumkv_ring::{Node, NodeId, Ring, RingConfig, Zone};
 use std::sync::OnceLock;
@@ -401,31 +401,37 @@ pub fn incarnation() -> impl Strategy<Value = IncarnationRecord> {
 
 // ----- tokens ------------------------------------------------------------------------------
 
-/// The token checksum as `token.rs` documents it. The checksum is not keyed, so anyone can
-/// seal a token around any body: the decoder behind it must stand on its own.
+/// The cluster secret the token targets seal with.
+pub const FUZZ_SECRET: [u8; 32] = [0x5a; 32];
+
+/// The keys a node of the fuzzed cluster holds.
+pub fn fuzz_keys() -> &'static ContextKeys {
+    static KEYS: OnceLock<ContextKeys> = OnceLock::new();
+    KEYS.get_or_init(|| ContextKeys::new(ClusterSecret::from_bytes(FUZZ_SECRET), []))
+}
+
+/// The token MAC as `token.rs` documents it, under [`FUZZ_SECRET`]: the fuzzer holds the
+/// cluster secret, so its damaged inputs reach the decoder behind the MAC, which must stand on
+/// its own should a node of this or a later release ever seal bytes it cannot read.
 pub fn seal_token(mut body: Vec<u8>) -> Vec<u8> {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(b"quorumkv/context-checksum/v1\0");
+    let mut hasher = blake3::Hasher::new_keyed(&FUZZ_SECRET);
+    hasher.update(b"quorumkv/context-mac/v3\0");
     hasher.update(&body);
-    body.extend_from_slice(&hasher.finalize().as_bytes()[..8]);
+    body.extend_from_slice(hasher.finalize().as_bytes());
     body
 }
 
 /// A sealed token of the current format for ([`TOKEN_KEYSPACE`], [`TOKEN_KEY`]) whose context
 /// is `payload`.
 pub fn token_around(payload: Vec<u8>) -> Vec<u8> {
-    token_of_format(TOKEN_FORMAT_VERSION, payload)
-}
-
-/// The same in format 1, which nodes still accept: a causal context without writes.
-pub fn token_v1_around(payload: Vec<u8>) -> Vec<u8> {
-    token_of_format(1, payload)
-}
-
-fn token_of_format(version: u8, payload: Vec<u8>) -> Vec<u8> {
-    let empty = encode_token(&ClientContext::default(), TOKEN_KEYSPACE, TOKEN_KEY);
+    let empty = encode_token(
+        fuzz_keys(),
+        &ClientContext::default(),
+        TOKEN_KEYSPACE,
+        TOKEN_KEY,
+    );
     // The binding, taken from a real token so that it cannot drift from the code.
-    let mut body = vec![version];
+    let mut body = vec![TOKEN_FORMAT_VERSION];
     body.extend_from_slice(&empty[1..9]);
     body.extend(payload);
     seal_token(body)
@@ -433,8 +439,8 @@ fn token_of_format(version: u8, payload: Vec<u8>) -> Vec<u8> {
 
 /// The context part of a token: what [`token_around`] wraps.
 pub fn token_payload(context: &ClientContext) -> Vec<u8> {
-    let token = encode_token(context, TOKEN_KEYSPACE, TOKEN_KEY);
-    token[9..token.len() - 8].to_vec()
+    let token = encode_token(fuzz_keys(), context, TOKEN_KEYSPACE, TOKEN_KEY);
+    token[9..token.len() - 32].to_vec()
 }
 
 // ----- certificates ------------------------------------------------------------------------
