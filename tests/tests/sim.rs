@@ -250,8 +250,13 @@ fn check_seeds(seeds: impl Iterator<Item = u64>) {
             slowest = slowest.max((took, run.bound_ms));
         }
         if let Err(why) = run.verdict() {
+            let known = if run.only_known_bug() {
+                " (the known late-retry bug: every value reported came back through a retry)"
+            } else {
+                ""
+            };
             failures.push(format!(
-                "seed {seed} failed; replay it with\n  {}\n{why}",
+                "seed {seed} failed{known}; replay it with\n  {}\n{why}",
                 replay_command(seed)
             ));
         }

@@ -31,14 +31,14 @@
 use super::{
     convergence_bound_ms, ClientOp, Completed, FaultConfig, Filter, Sim, SimConfig, NO_ANSWER,
 };
-use crate::history::{self, History, Op, Outcome, Record, Report};
+use crate::history::{self, History, Op, Outcome, Record, Report, Violation};
 use quorumkv_client::protocol::Response;
 use quorumkv_client::Context;
 use quorumkv_node::core::CoreConfig;
 use quorumkv_ring::NodeId;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// The shape of the traffic.
@@ -132,6 +132,8 @@ pub struct Run {
     pub final_read_failures: Vec<String>,
     /// What the run exercised, so tests can tell it was not vacuous.
     pub exercised: Exercised,
+    /// Writes (values and delete names) that took more than one attempt.
+    pub retried_writes: BTreeSet<String>,
 }
 
 /// Counts of what a run exercised.
@@ -186,6 +188,22 @@ impl Run {
         ))
     }
 
+    /// Whether every failure of this run is the known late-retry bug (see
+    /// `a_late_retry_of_a_superseded_write_does_not_bring_it_back` in `tests/tests/sim.rs`): the
+    /// run converged, and every violation is a superseded or resurrected value whose write was
+    /// retried. A soak uses it to tell that bug from new ones.
+    pub fn only_known_bug(&self) -> bool {
+        self.convergence.is_ok()
+            && self.unanswered == 0
+            && self.final_read_failures.is_empty()
+            && !self.report.is_ok()
+            && self.report.violations.iter().all(|v| match v {
+                Violation::SupersededSibling { older, .. } => self.retried_writes.contains(older),
+                Violation::Resurrected { value, .. } => self.retried_writes.contains(value),
+                _ => false,
+            })
+    }
+
     /// The history, one operation a line, and the final reads: for a replayed seed.
     pub fn describe_history(&self) -> String {
         let mut text = String::new();
@@ -223,6 +241,8 @@ struct InFlight {
 #[derive(Debug, Default)]
 struct Recorder {
     records: Vec<Record>,
+    /// Attempts each record took, in the same order.
+    attempts: Vec<u32>,
     in_flight: BTreeMap<usize, InFlight>,
 }
 
@@ -266,6 +286,7 @@ impl Recorder {
                 dw: *dw,
             },
         };
+        self.attempts.push(done.attempts);
         self.records.push(Record {
             client: done.client,
             key: done.op.key().to_string(),
@@ -404,6 +425,7 @@ pub fn run(seed: u64, workload: &Workload, config: SimConfig, hooks: Hooks) -> R
     unanswered += sim.pending_operations();
 
     sim.heal_all();
+    let recorded_attempts = recorder.attempts;
     let mut history = History {
         records: recorder.records,
         crashes: sim
@@ -454,6 +476,13 @@ pub fn run(seed: u64, workload: &Workload, config: SimConfig, hooks: Hooks) -> R
         retried: sim.history().iter().filter(|c| c.attempts > 1).count(),
         crashes: sim.crashes().len(),
     };
+    let retried_writes = history
+        .records
+        .iter()
+        .zip(recorded_attempts)
+        .filter(|(_, attempts)| *attempts > 1)
+        .filter_map(|(record, _)| record.op.write_id().map(str::to_string))
+        .collect();
     Run {
         seed,
         history,
@@ -464,6 +493,7 @@ pub fn run(seed: u64, workload: &Workload, config: SimConfig, hooks: Hooks) -> R
         unanswered,
         final_read_failures,
         exercised,
+        retried_writes,
     }
 }
 
