@@ -283,6 +283,8 @@ pub struct Sim {
     healed: bool,
     filter: Option<Filter>,
     timeline: Vec<String>,
+    /// Every client attempt and its answer, when asked for ([`Sim::set_trace`]).
+    trace: Option<Vec<String>>,
 }
 
 impl Sim {
@@ -326,6 +328,7 @@ impl Sim {
             healed: false,
             filter: None,
             timeline: Vec::new(),
+            trace: None,
         };
         for id in ids {
             let storage = Arc::new(MemoryStorage::new());
@@ -382,6 +385,16 @@ impl Sim {
     /// What happened to the network and the nodes, one line per fault, for failure reports.
     pub fn timeline(&self) -> &[String] {
         &self.timeline
+    }
+
+    /// Starts recording every client attempt and its answer (for replaying a failed seed).
+    pub fn set_trace(&mut self) {
+        self.trace.get_or_insert_with(Vec::new);
+    }
+
+    /// The attempts recorded since [`Sim::set_trace`].
+    pub fn trace(&self) -> &[String] {
+        self.trace.as_deref().unwrap_or_default()
     }
 
     /// Storage flushes performed so far, over all nodes.
@@ -873,6 +886,15 @@ impl Sim {
         }
         pending.attempts += 1;
         pending.node = node.clone();
+        if let Some(trace) = self.trace.as_mut() {
+            trace.push(format!(
+                "t={}ms c{} attempt {} of {} at {node}",
+                self.now_ms,
+                pending.client,
+                pending.attempts,
+                describe(&pending.op)
+            ));
+        }
         if !self.is_up(&node) {
             // The client's connection is refused.
             let refused = error(ErrorKind::Unavailable, "node down: connection refused");
@@ -892,6 +914,17 @@ impl Sim {
         let Some(pending) = self.pending.get(&op) else {
             return;
         };
+        if let Some(trace) = self.trace.as_mut() {
+            trace.push(format!(
+                "t={}ms c{} attempt {} of {} at {} ended: {}",
+                self.now_ms,
+                pending.client,
+                pending.attempts,
+                describe(&pending.op),
+                pending.node,
+                answer(&response)
+            ));
+        }
         if pending.attempts > self.config.client_retries {
             self.complete(op, response);
             return;
@@ -912,6 +945,17 @@ impl Sim {
         let Some(pending) = self.pending.remove(&op) else {
             return;
         };
+        if let Some(trace) = self.trace.as_mut() {
+            trace.push(format!(
+                "t={}ms c{} {} completed after {} attempts (last at {}): {}",
+                self.now_ms,
+                pending.client,
+                describe(&pending.op),
+                pending.attempts,
+                pending.node,
+                answer(&response)
+            ));
+        }
         self.tick += 1;
         self.history.push(Completed {
             at_ms: self.now_ms,
@@ -1088,6 +1132,40 @@ pub fn convergence_bound_ms(config: &SimConfig, keys: usize) -> u64 {
     let per_round = (ae.interval_ms + ae.interval_ms / 4).max(exchange_ms);
     let cycle = ranges_per_node.div_ceil(ae.exchanges_max.max(1) as u64) * per_round;
     stragglers + detection + builds + handoff + 3 * cycle
+}
+
+/// A client operation in a few words, for the trace.
+fn describe(op: &ClientOp) -> String {
+    match op {
+        ClientOp::Get { key, r } => format!("get {key} r={r}"),
+        ClientOp::Put {
+            key,
+            value,
+            context,
+            w,
+            dw,
+        } => {
+            let with = if context.is_some() { " (context)" } else { "" };
+            format!("put {key} = {value}{with} w={w} dw={dw}")
+        }
+        ClientOp::Delete { key, w, dw, .. } => format!("delete {key} w={w} dw={dw}"),
+    }
+}
+
+/// An answer in a few words, for the trace.
+fn answer(response: &Response) -> String {
+    match response {
+        Response::Got { siblings, .. } => {
+            let values: Vec<String> = siblings
+                .iter()
+                .map(|s| String::from_utf8_lossy(&s.value).into_owned())
+                .collect();
+            format!("got {values:?}")
+        }
+        Response::Written { hinted, .. } => format!("written (hinted {hinted})"),
+        Response::Error(e) => format!("{:?}: {}", e.kind, e.message),
+        other => format!("{other:?}"),
+    }
 }
 
 fn names(ids: &[NodeId]) -> String {

@@ -335,9 +335,14 @@ fn replay_one_seed() {
     let seed: u64 = text
         .parse()
         .unwrap_or_else(|e| panic!("QUORUMKV_SIM_SEED={text}: {e}"));
-    let run = run_seed(seed, Hooks::default());
+    let workload = Workload {
+        trace: true,
+        ..Workload::default()
+    };
+    let run = workload::run(seed, &workload, cluster_config(&workload), Hooks::default());
     println!(
-        "seed {seed}\n{}\nfault timeline:\n  {}\nconvergence: {:?} (bound {} ms)\nexercised: {:?}\n{}",
+        "seed {seed}\nclient attempts:\n  {}\nhistory:\n{}\nfault timeline:\n  {}\nconvergence: {:?} (bound {} ms)\nexercised: {:?}\n{}",
+        run.trace.join("\n  "),
         run.describe_history(),
         run.timeline.join("\n  "),
         run.convergence,

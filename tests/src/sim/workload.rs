@@ -51,6 +51,8 @@ pub struct Workload {
     pub run_ms: u64,
     /// Keys written while one node is isolated, right before the final heal.
     pub cold_keys: usize,
+    /// Record every client attempt ([`Run::trace`]), for replaying a seed.
+    pub trace: bool,
 }
 
 impl Default for Workload {
@@ -60,6 +62,7 @@ impl Default for Workload {
             keys: 10,
             run_ms: 10_000,
             cold_keys: 4,
+            trace: false,
         }
     }
 }
@@ -134,6 +137,8 @@ pub struct Run {
     pub exercised: Exercised,
     /// Writes (values and delete names) that took more than one attempt.
     pub retried_writes: BTreeSet<String>,
+    /// Every client attempt and its answer, if [`Workload::trace`] asked for them.
+    pub trace: Vec<String>,
 }
 
 /// Counts of what a run exercised.
@@ -328,6 +333,9 @@ fn write_quorum(rng: &mut ChaCha8Rng, n: u8) -> (u8, u8) {
 /// Runs one seed of the workload with `hooks`; see the module docs for the phases.
 pub fn run(seed: u64, workload: &Workload, config: SimConfig, hooks: Hooks) -> Run {
     let mut sim = Sim::new(seed, config);
+    if workload.trace {
+        sim.set_trace();
+    }
     if let Some(filter) = hooks.filter {
         sim.set_filter(filter);
     }
@@ -494,6 +502,7 @@ pub fn run(seed: u64, workload: &Workload, config: SimConfig, hooks: Hooks) -> R
         final_read_failures,
         exercised,
         retried_writes,
+        trace: sim.trace().to_vec(),
     }
 }
 
