@@ -24,7 +24,8 @@
 //!   loses every unflushed write ([`MemoryStorage::crash`]).
 //! * `Output::Reply` completes a client attempt. An attempt that ends `Unavailable` or
 //!   `Overloaded`, or whose answer is lost ([`SimConfig::reply_loss`]: the connection broke,
-//!   the write may have been applied) or whose node crashed, is retried at another node with
+//!   the write may have been applied), does not come within the client's own bound
+//!   ([`SimConfig::client_attempt_timeout_ms`]), or whose node crashed, is retried at another node with
 //!   the *same request id*, up to [`SimConfig::client_retries`] times, as the client crate
 //!   does; then the operation completes with the last answer.
 //! * After every input the core's next deadline is scheduled as a tick.
@@ -58,6 +59,7 @@ use quorumkv_client::protocol::{
 };
 use quorumkv_client::Context;
 use quorumkv_node::core::anti_entropy::geometry_for;
+use quorumkv_node::core::detector::Liveness;
 use quorumkv_node::core::{ClientHandle, ClusterMap, CoreConfig, Input, NodeCore, Now, Output};
 use quorumkv_node::peer::PeerMessage;
 use quorumkv_node::storage::memory::MemoryStorage;
@@ -102,6 +104,10 @@ pub struct SimConfig {
     pub reply_loss: f64,
     /// Attempts a client makes after the first, each at another node, with the same request id.
     pub client_retries: u32,
+    /// How long a client waits for an attempt's answer before it gives up on it and retries
+    /// (as the client crate does: the request's timeout plus a margin); `None` waits for the
+    /// node, which always answers by its own deadline.
+    pub client_attempt_timeout_ms: Option<u64>,
     /// Partitions and crashes, drawn from the seed.
     pub faults: FaultConfig,
     /// The cores' configuration; tests adjust it (for example to turn on tombstone collection).
@@ -122,6 +128,7 @@ impl Default for SimConfig {
             flush_delay_ms: 5,
             reply_loss: 0.0,
             client_retries: 0,
+            client_attempt_timeout_ms: None,
             faults: FaultConfig::default(),
             core: CoreConfig::default(),
         }
@@ -231,10 +238,26 @@ enum Fault {
 
 #[derive(Debug)]
 enum Event {
-    Deliver { to: NodeId, input: Input },
-    Tick { node: NodeId },
-    FlushDone { node: NodeId, incarnation: u64 },
-    Attempt { op: u64, node: NodeId },
+    Deliver {
+        to: NodeId,
+        input: Input,
+    },
+    Tick {
+        node: NodeId,
+    },
+    FlushDone {
+        node: NodeId,
+        incarnation: u64,
+    },
+    Attempt {
+        op: u64,
+        node: NodeId,
+    },
+    /// The client stops waiting for attempt number `attempt` of `op`.
+    AttemptTimeout {
+        op: u64,
+        attempt: u32,
+    },
     Fault(Fault),
 }
 
@@ -614,7 +637,7 @@ impl Sim {
     }
 
     /// Why the cluster has not converged, one line per reason; empty when it has: every node is
-    /// up with every Merkle tree built, every replica of every range (the range's preference
+    /// up and believes every peer up, with every Merkle tree built, every replica of every range (the range's preference
     /// list) reports the same root, and no node holds a hint.
     pub fn divergence(&self) -> Vec<String> {
         let mut reasons = Vec::new();
@@ -622,6 +645,11 @@ impl Sim {
             match &node.core {
                 None => reasons.push(format!("{id} is down")),
                 Some(core) => {
+                    for (peer, liveness) in core.peer_liveness() {
+                        if liveness != Liveness::Up {
+                            reasons.push(format!("{id} believes {peer} down"));
+                        }
+                    }
                     for (owner, totals) in core.hints_pending() {
                         reasons.push(format!("{id} holds {} hints for {owner}", totals.count));
                     }
@@ -871,6 +899,18 @@ impl Sim {
                 self.feed(&node, Input::Flushed { through });
             }
             Event::Attempt { op, node } => self.attempt(op, node),
+            Event::AttemptTimeout { op, attempt } => {
+                let current = self.pending.get(&op).is_some_and(|p| p.attempts == attempt);
+                let waiting = self
+                    .in_flight
+                    .iter()
+                    .find(|(_, pending)| **pending == op)
+                    .map(|(key, _)| key.clone());
+                if let (true, Some(key)) = (current, waiting) {
+                    self.in_flight.remove(&key);
+                    self.attempt_failed(op, no_answer());
+                }
+            }
             Event::Fault(fault) => self.apply_fault(fault),
         }
     }
@@ -904,8 +944,13 @@ impl Sim {
         let handle = ClientHandle(self.next_handle);
         self.next_handle += 1;
         let request = request(&self.pending[&op]);
+        let attempt = self.pending[&op].attempts;
         self.in_flight.insert((node.clone(), handle), op);
         self.feed(&node, Input::Client { handle, request });
+        if let Some(timeout) = self.config.client_attempt_timeout_ms {
+            let at = self.now_ms + timeout;
+            self.schedule(at, Event::AttemptTimeout { op, attempt });
+        }
     }
 
     /// An attempt ended without a usable answer: retry at another node with the same request

@@ -90,6 +90,8 @@ pub fn cluster_config(workload: &Workload) -> SimConfig {
         flush_delay_ms: 5,
         reply_loss: 0.02,
         client_retries: 2,
+        // The client crate's bound on an attempt: the request's timeout plus a margin.
+        client_attempt_timeout_ms: Some(core.request_timeout_ms + 200),
         faults: FaultConfig {
             window_ms: (100, workload.run_ms.max(200)),
             network_faults: 10,
