@@ -27,6 +27,14 @@
 //!
 //! [`Hooks`] let a test install a network filter for the whole run and act after the heal:
 //! that is how [`super::broken`] injects the broken variants each checker must catch.
+//!
+//! # Adjusting the cluster
+//!
+//! [`run`] takes the [`SimConfig`] to run with, so a test changes what it needs in
+//! [`cluster_config`]'s answer first: `config.core` for the nodes (for example no room for
+//! hints, or, once it exists, tombstone collection: the workload already deletes, and deleted
+//! values coming back are what the history checker flags), `config.faults` for the schedule,
+//! `config.client_retries` for the clients.
 
 use super::{
     convergence_bound_ms, ClientOp, Completed, FaultConfig, Filter, Sim, SimConfig, NO_ANSWER,
