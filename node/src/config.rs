@@ -112,6 +112,9 @@ pub struct Config {
     /// Background Merkle-tree exchanges between replicas.
     #[serde(default)]
     pub anti_entropy: AntiEntropy,
+    /// Removal of deleted keys once no replica can bring them back.
+    #[serde(default)]
+    pub tombstones: Tombstones,
     /// Certificate and key files. Required.
     pub tls: TlsConfig,
     /// The static member list, this node included. Required.
@@ -281,6 +284,41 @@ impl Default for AntiEntropy {
             exchange_timeout_ms: core.exchange_timeout_ms,
             keys_per_second_max: core.keys_per_second_max,
             build_keys_per_tick_max: core.build_keys_per_tick_max,
+        }
+    }
+}
+
+/// Tombstone collection: a deleted key's state is removed from every replica once every member
+/// has confirmed, twice and a quiet period apart, that nothing it replaced can come back (see
+/// `quorumkv_node::core::tombstones`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tombstones {
+    /// Whether this node collects the deleted keys it is primary for. It answers other nodes'
+    /// checks either way. Default true.
+    pub enabled: bool,
+    /// How old (ms) a key's newest tombstone must be before its collection is considered.
+    /// Default 600000 (10 minutes).
+    pub grace_ms: u64,
+    /// The least time (ms) between the two checks that must both clear a key. It must be at
+    /// least twice the longest a peer message can take to arrive (the peer connection's idle
+    /// timeout, 30 s); smaller values can bring deleted values back. Default 120000.
+    pub quiet_ms: u64,
+    /// How often (ms) a collection pass starts. Default 60000.
+    pub interval_ms: u64,
+    /// Most keys in one pass, at most 1024. Default 256.
+    pub batch: usize,
+}
+
+impl Default for Tombstones {
+    fn default() -> Tombstones {
+        let core = crate::core::TombstoneConfig::default();
+        Tombstones {
+            enabled: core.enabled,
+            grace_ms: core.grace_ms,
+            quiet_ms: core.quiet_ms,
+            interval_ms: core.interval_ms,
+            batch: core.batch,
         }
     }
 }
@@ -478,6 +516,21 @@ pub struct ConfigOverrides {
         value_name = "N"
     )]
     pub anti_entropy_build_keys_per_tick_max: Option<u64>,
+    /// `tombstones.enabled`.
+    #[arg(long, env = "QUORUMKV_TOMBSTONES_ENABLED", value_name = "BOOL")]
+    pub tombstones_enabled: Option<bool>,
+    /// `tombstones.grace_ms`.
+    #[arg(long, env = "QUORUMKV_TOMBSTONES_GRACE_MS", value_name = "MS")]
+    pub tombstones_grace_ms: Option<u64>,
+    /// `tombstones.quiet_ms`.
+    #[arg(long, env = "QUORUMKV_TOMBSTONES_QUIET_MS", value_name = "MS")]
+    pub tombstones_quiet_ms: Option<u64>,
+    /// `tombstones.interval_ms`.
+    #[arg(long, env = "QUORUMKV_TOMBSTONES_INTERVAL_MS", value_name = "MS")]
+    pub tombstones_interval_ms: Option<u64>,
+    /// `tombstones.batch`.
+    #[arg(long, env = "QUORUMKV_TOMBSTONES_BATCH", value_name = "N")]
+    pub tombstones_batch: Option<usize>,
     /// The cluster CA certificate (`tls.ca_cert`).
     #[arg(long, env = "QUORUMKV_TLS_CA_CERT", value_name = "FILE")]
     pub tls_ca_cert: Option<PathBuf>,
@@ -570,6 +623,11 @@ impl ConfigOverrides {
             "anti_entropy.build_keys_per_tick_max",
             &self.anti_entropy_build_keys_per_tick_max,
         )?;
+        set.field("tombstones.enabled", &self.tombstones_enabled)?;
+        set.field("tombstones.grace_ms", &self.tombstones_grace_ms)?;
+        set.field("tombstones.quiet_ms", &self.tombstones_quiet_ms)?;
+        set.field("tombstones.interval_ms", &self.tombstones_interval_ms)?;
+        set.field("tombstones.batch", &self.tombstones_batch)?;
         set.field("tls.ca_cert", &self.tls_ca_cert)?;
         set.field("tls.cert", &self.tls_cert)?;
         set.field("tls.key", &self.tls_key)?;
@@ -848,6 +906,7 @@ impl Config {
         self.validate_timeouts()?;
         self.validate_limits()?;
         self.validate_anti_entropy()?;
+        self.validate_tombstones()?;
         self.validate_paths()
     }
 
@@ -1104,6 +1163,23 @@ impl Config {
             if value == 0 {
                 return Err(config_error(field, "must be at least 1"));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_tombstones(&self) -> Result<()> {
+        let t = &self.tombstones;
+        if t.interval_ms == 0 {
+            return Err(config_error("tombstones.interval_ms", "must be at least 1"));
+        }
+        if t.batch == 0 || t.batch > crate::core::tombstones::KEYS_PER_CHECK_MAX {
+            return Err(config_error(
+                "tombstones.batch",
+                &format!(
+                    "must be between 1 and {}",
+                    crate::core::tombstones::KEYS_PER_CHECK_MAX
+                ),
+            ));
         }
         Ok(())
     }
@@ -1448,6 +1524,16 @@ mod tests {
             "34",
             "--anti-entropy-build-keys-per-tick-max",
             "35",
+            "--tombstones-enabled",
+            "false",
+            "--tombstones-grace-ms",
+            "41",
+            "--tombstones-quiet-ms",
+            "42",
+            "--tombstones-interval-ms",
+            "43",
+            "--tombstones-batch",
+            "44",
             "--tls-ca-cert",
             "/c/ca.pem",
             "--tls-cert",
@@ -1504,6 +1590,13 @@ mod tests {
                 exchange_timeout_ms: 33,
                 keys_per_second_max: 34,
                 build_keys_per_tick_max: 35,
+            },
+            tombstones: Tombstones {
+                enabled: false,
+                grace_ms: 41,
+                quiet_ms: 42,
+                interval_ms: 43,
+                batch: 44,
             },
             tls: TlsConfig {
                 ca_cert: "/c/ca.pem".into(),

@@ -194,6 +194,7 @@ pub fn prepare(dir: &Path, count: usize, ports: &Ports, ranges: u32) -> Result<L
             limits: Limits::default(),
             hints: Default::default(),
             anti_entropy: Default::default(),
+            tombstones: Default::default(),
             tls: TlsConfig {
                 ca_cert: ca.cert.clone(),
                 cert: node_certs.cert.clone(),

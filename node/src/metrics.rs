@@ -71,6 +71,13 @@ pub const ANTI_ENTROPY_OLDEST_UNEXCHANGED_SECONDS: &str =
     "quorumkv_anti_entropy_oldest_unexchanged_seconds";
 /// Ranges whose Merkle tree is not built yet (after start, or after a tree was found wrong).
 pub const ANTI_ENTROPY_RANGES_UNBUILT: &str = "quorumkv_anti_entropy_ranges_unbuilt";
+/// Deleted keys (every sibling a tombstone) this node stores.
+pub const TOMBSTONES: &str = "quorumkv_tombstones";
+/// Deleted keys whose state this node removed for good (tombstone collection).
+pub const TOMBSTONES_COLLECTED_TOTAL: &str = "quorumkv_tombstones_collected_total";
+/// Tombstone collection checks this node started, by outcome (`cleared`: every member let at
+/// least one key go; `blocked`: none; `timeout`, `failed`).
+pub const TOMBSTONE_CHECKS_TOTAL: &str = "quorumkv_tombstone_checks_total";
 
 /// Latency buckets in seconds: 100 µs to 10 s, roughly ×2.5 apart. Explicit, so histograms
 /// from different nodes and versions aggregate.
@@ -176,6 +183,18 @@ pub fn describe() {
     describe_gauge!(
         ANTI_ENTROPY_RANGES_UNBUILT,
         "Ranges whose Merkle tree is still to be built from storage."
+    );
+    describe_gauge!(
+        TOMBSTONES,
+        "Deleted keys (all siblings tombstones) stored on this node."
+    );
+    describe_counter!(
+        TOMBSTONES_COLLECTED_TOTAL,
+        "Deleted keys whose state this node removed for good."
+    );
+    describe_counter!(
+        TOMBSTONE_CHECKS_TOTAL,
+        "Tombstone collection checks this node started, by outcome."
     );
 }
 
@@ -292,4 +311,21 @@ pub fn anti_entropy_oldest_unexchanged(seconds: f64) {
 /// Ranges whose tree is not built yet.
 pub fn anti_entropy_ranges_unbuilt(ranges: usize) {
     gauge!(ANTI_ENTROPY_RANGES_UNBUILT).set(ranges as f64);
+}
+
+/// This node stores `count` deleted keys.
+pub fn tombstones(count: usize) {
+    gauge!(TOMBSTONES).set(count as f64);
+}
+
+/// This node removed `keys` deleted keys for good.
+pub fn tombstones_collected(keys: u64) {
+    if keys > 0 {
+        counter!(TOMBSTONES_COLLECTED_TOTAL).increment(keys);
+    }
+}
+
+/// A tombstone collection check ended with `outcome`.
+pub fn tombstone_check(outcome: &'static str) {
+    counter!(TOMBSTONE_CHECKS_TOTAL, "outcome" => outcome).increment(1);
 }

@@ -129,6 +129,26 @@ pub enum PeerMessage {
         keys: Vec<AeKey>,
         resume_from: Option<u64>,
     },
+    /// Tombstone collection (`crate::core::tombstones`): for each key, may its state with this
+    /// hash be removed for good, as far as you know? Answered with
+    /// [`PeerMessage::GcCheckReply`] once everything the receiver stores is durable.
+    GcCheck { op: OpId, keys: Vec<GcKey> },
+    /// The answer to a [`PeerMessage::GcCheck`], one flag per key in its order.
+    GcCheckReply { op: OpId, ok: Vec<bool> },
+    /// Tombstone collection: every member cleared these keys twice, a quiet period apart;
+    /// remove each one you replicate whose stored state still has this hash. Not answered.
+    GcCollect { keys: Vec<GcKey> },
+}
+
+/// A deleted key's state, named by its hash, in tombstone collection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcKey {
+    pub keyspace: String,
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    /// `KeyState::state_hash` of the tombstone state (32 bytes; anything else never matches).
+    #[serde(with = "serde_bytes")]
+    pub hash: Vec<u8>,
 }
 
 /// One key and its state (canonical encoding) in an anti-entropy push or its answer.
@@ -150,7 +170,8 @@ impl PeerMessage {
             | PeerMessage::Replicate { op, .. }
             | PeerMessage::Read { op, .. }
             | PeerMessage::AeLevel { op, .. }
-            | PeerMessage::AePush { op, .. } => Some(*op),
+            | PeerMessage::AePush { op, .. }
+            | PeerMessage::GcCheck { op, .. } => Some(*op),
             _ => None,
         }
     }
@@ -172,6 +193,9 @@ impl PeerMessage {
             PeerMessage::AeLevelReply { .. } => "ae_level_reply",
             PeerMessage::AePush { .. } => "ae_push",
             PeerMessage::AePushReply { .. } => "ae_push_reply",
+            PeerMessage::GcCheck { .. } => "gc_check",
+            PeerMessage::GcCheckReply { .. } => "gc_check_reply",
+            PeerMessage::GcCollect { .. } => "gc_collect",
         }
     }
 }

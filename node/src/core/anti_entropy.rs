@@ -87,6 +87,7 @@ use crate::merkle::{Geometry, Hash, Level, MerkleForest, MerkleTree, MAX_DEPTH};
 use crate::metrics;
 use crate::peer::{OpId, PeerMessage};
 use crate::storage::Storage;
+use crate::version_vector::KeyState;
 use quorumkv_ring::{NodeId, RangeId, Token};
 
 mod exchange;
@@ -413,7 +414,7 @@ fn budget_cap(config: &AntiEntropyConfig) -> i64 {
 }
 
 /// A 64-bit mix (Steele et al.'s SplitMix64 finaliser): the jitter's deterministic "random".
-fn splitmix64(mut x: u64) -> u64 {
+pub(super) fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -425,16 +426,17 @@ fn hex(hash: &Hash) -> String {
 }
 
 impl NodeCore {
-    /// A merge changed `key`'s state from `old` to `new`: keep its tree current. Called by
-    /// [`NodeCore::store`] for every write.
+    /// A merge changed `key`'s state from `old` to `new` (`None`: tombstone collection removed
+    /// it): keep its tree current. Called by [`NodeCore::store`] for every write, and for every
+    /// removal.
     pub(super) fn ae_on_stored(
         &mut self,
         keyspace: &str,
         key: &[u8],
         old: Option<&Hash>,
-        new: &Hash,
+        new: Option<&Hash>,
     ) {
-        if old == Some(new) {
+        if old == new {
             return;
         }
         let ae = &mut self.anti_entropy;
@@ -445,7 +447,7 @@ impl NodeCore {
             return;
         }
         ae.generation += 1;
-        if let Err(e) = ae.forest.update(keyspace, token, key, old, Some(new)) {
+        if let Err(e) = ae.forest.update(keyspace, token, key, old, new) {
             tracing::warn!(keyspace, range, error = %e, "Merkle tree refused an update; rebuilding it");
             ae.mark_unbuilt(keyspace, range);
         }
@@ -554,7 +556,10 @@ impl NodeCore {
                 break;
             };
             match self.ae_scan_tree(storage, &keyspace, range) {
-                Ok(tree) => {
+                Ok((tree, deleted)) => {
+                    for (key, state, hash) in deleted {
+                        self.note_tombstone(&keyspace, &key, &state, hash);
+                    }
                     scanned += tree.key_count().max(1);
                     let ae = &mut self.anti_entropy;
                     if let Err(e) = ae.forest.replace(&keyspace, tree) {
@@ -574,23 +579,30 @@ impl NodeCore {
 
     /// The tree of one range from storage, scanned one sixteenth of the range at a time so the
     /// states in memory at once stay small; all in one step of the core, so no write interleaves.
+    /// Also returns the deleted keys it saw, for tombstone collection.
+    #[allow(clippy::type_complexity)]
     fn ae_scan_tree(
         &self,
         storage: &dyn Storage,
         keyspace: &str,
         range: u32,
-    ) -> crate::Result<MerkleTree> {
+    ) -> crate::Result<(MerkleTree, Vec<(Vec<u8>, KeyState, Hash)>)> {
         let geometry = self.anti_entropy.geometry;
         let per_slice = (geometry.bucket_count() / 16) as u32;
         let mut items: Vec<(Token, Vec<u8>, Hash)> = Vec::new();
+        let mut deleted = Vec::new();
         for slice in 0..16u32 {
             let (first, _) = geometry.bucket_token_bounds(range, slice * per_slice)?;
             let (_, last) = geometry.bucket_token_bounds(range, (slice + 1) * per_slice - 1)?;
             for stored in storage.scan(keyspace, first, last)? {
-                items.push((stored.token, stored.key, stored.state.state_hash()));
+                let hash = stored.state.state_hash();
+                if stored.state.is_deleted() {
+                    deleted.push((stored.key.clone(), stored.state, hash));
+                }
+                items.push((stored.token, stored.key, hash));
             }
         }
-        MerkleTree::from_items(geometry, range, items)
+        Ok((MerkleTree::from_items(geometry, range, items)?, deleted))
     }
 
     /// Starts exchanges for the least recently exchanged ranges this node replicates, up to

@@ -64,6 +64,20 @@ pub struct Driver {
     next_request: u64,
     /// Anti-entropy messages sent so far, by kind: (messages, frame bytes).
     traffic: BTreeMap<&'static str, Traffic>,
+    /// Which messages to keep back ([`Driver::hold_while`]), and those kept back.
+    holding: Option<Holding>,
+    held: Vec<(NodeId, NodeId, PeerMessage)>,
+}
+
+/// The predicate of [`Driver::hold_while`].
+struct Holding(HoldFn);
+
+type HoldFn = Box<dyn FnMut(&NodeId, &NodeId, &PeerMessage) -> bool>;
+
+impl std::fmt::Debug for Holding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Holding(..)")
+    }
 }
 
 /// Messages of one kind and their encoded size, as the QUIC transport would frame them.
@@ -105,6 +119,8 @@ impl Driver {
             next_handle: 1,
             next_request: 1,
             traffic: BTreeMap::new(),
+            holding: None,
+            held: Vec::new(),
         };
         for id in ids {
             driver.nodes.insert(
@@ -197,6 +213,84 @@ impl Driver {
             options,
         };
         self.request(node, request)
+    }
+
+    /// A delete at W = `w` that removes what `context` covers, sent to `node`.
+    pub fn delete_with(
+        &mut self,
+        node: &NodeId,
+        key: &str,
+        context: Option<Context>,
+        w: u8,
+    ) -> ClientHandle {
+        let request = Request::Delete {
+            keyspace: KEYSPACE.into(),
+            key: key.as_bytes().to_vec(),
+            context,
+            request_id: self.request_id(),
+            options: WriteOptions {
+                w: Some(w),
+                dw: Some(1),
+                ..WriteOptions::default()
+            },
+        };
+        self.request(node, request)
+    }
+
+    /// The context a successful put or get `handle` returned.
+    pub fn context(&self, handle: ClientHandle) -> Option<Context> {
+        match self.reply(handle)? {
+            Response::Got { context, .. } | Response::Written { context, .. } => {
+                Some(context.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether `node` stores any state of `key` (a tombstone counts).
+    pub fn stores(&self, node: &NodeId, key: &str) -> bool {
+        self.storage(node)
+            .read(KEYSPACE, key.as_bytes())
+            .expect("memory storage reads")
+            .is_some()
+    }
+
+    /// Removes the messages in flight that `keep` selects and returns them (sender, receiver,
+    /// message), so a story can deliver them late ([`Driver::inject`]) or never.
+    pub fn hold(
+        &mut self,
+        mut keep: impl FnMut(&NodeId, &NodeId, &PeerMessage) -> bool,
+    ) -> Vec<(NodeId, NodeId, PeerMessage)> {
+        let mut held = Vec::new();
+        for (from, to, message) in std::mem::take(&mut self.in_flight) {
+            if keep(&from, &to, &message) {
+                held.push((from, to, message));
+            } else {
+                self.in_flight.push_back((from, to, message));
+            }
+        }
+        held
+    }
+
+    /// From now on, messages that `hold` selects are kept back when their turn comes, until
+    /// [`Driver::release_held`]: a link that delays some messages indefinitely.
+    pub fn hold_while(
+        &mut self,
+        hold: impl FnMut(&NodeId, &NodeId, &PeerMessage) -> bool + 'static,
+    ) {
+        self.holding = Some(Holding(Box::new(hold)));
+    }
+
+    /// Stops holding messages back and returns those held so far, oldest first.
+    pub fn release_held(&mut self) -> Vec<(NodeId, NodeId, PeerMessage)> {
+        self.holding = None;
+        std::mem::take(&mut self.held)
+    }
+
+    /// Puts a message in flight as if `from` had sent it now (a delayed or duplicated message).
+    pub fn inject(&mut self, from: &NodeId, to: &NodeId, message: PeerMessage) {
+        self.in_flight
+            .push_back((from.clone(), to.clone(), message));
     }
 
     /// The key's preference list (its owners, in order).
@@ -317,6 +411,12 @@ impl Driver {
         };
         if self.cut.contains(&(from.clone(), to.clone())) {
             return true;
+        }
+        if let Some(Holding(hold)) = self.holding.as_mut() {
+            if hold(&from, &to, &message) {
+                self.held.push((from, to, message));
+                return true;
+            }
         }
         if self.nodes[&to].core.is_none() {
             // The destination is down: the sender's transport cannot reach it.

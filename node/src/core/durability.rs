@@ -52,6 +52,9 @@ impl NodeCore {
                     to: node,
                     message: PeerMessage::Durable { op },
                 }),
+                DurableWaiter::Send { node, message, .. } => {
+                    out.push(Output::Send { to: node, message })
+                }
             }
         }
         if !self.durable_waiters.is_empty() {
@@ -74,13 +77,14 @@ impl NodeCore {
                     let me = self.me.clone();
                     self.on_progress(op, &me, ReplicaProgress::Failed, out);
                 }
-                DurableWaiter::Peer { node, op } => out.push(Output::Send {
-                    to: node,
-                    message: PeerMessage::Failed {
-                        op,
-                        reason: format!("flush failed: {reason}"),
-                    },
-                }),
+                DurableWaiter::Peer { node, op } | DurableWaiter::Send { node, op, .. } => out
+                    .push(Output::Send {
+                        to: node,
+                        message: PeerMessage::Failed {
+                            op,
+                            reason: format!("flush failed: {reason}"),
+                        },
+                    }),
             }
         }
     }

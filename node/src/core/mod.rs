@@ -80,6 +80,7 @@ mod inspect;
 mod liveness;
 mod read_repair;
 mod replica;
+pub mod tombstones;
 
 use crate::metrics;
 use crate::peer::{OpId, PeerMessage};
@@ -98,6 +99,7 @@ use quorumkv_client::Context;
 use quorumkv_ring::{NodeId, Ring};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+pub use tombstones::TombstoneConfig;
 
 /// The static description of the cluster every member must agree on.
 #[derive(Clone, Debug, PartialEq)]
@@ -156,6 +158,8 @@ pub struct CoreConfig {
     pub hint_delivery_batch: usize,
     /// Background Merkle-tree exchanges between replicas (`[anti_entropy]`).
     pub anti_entropy: AntiEntropyConfig,
+    /// Removal of deleted keys once safe (`[tombstones]`).
+    pub tombstones: TombstoneConfig,
 }
 
 impl Default for CoreConfig {
@@ -175,6 +179,7 @@ impl Default for CoreConfig {
             hint_max_age_ms: 3 * 60 * 60 * 1000,
             hint_delivery_batch: 64,
             anti_entropy: AntiEntropyConfig::default(),
+            tombstones: TombstoneConfig::default(),
         }
     }
 }
@@ -327,12 +332,18 @@ impl Op {
 }
 
 /// Who is waiting for a write to become durable.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 enum DurableWaiter {
     /// This node's own copy, coordinating `OpId`.
     Local(OpId),
     /// A coordinator on another node.
     Peer { node: NodeId, op: OpId },
+    /// A message to send to `node` once durable, answering its `op` (a tombstone check).
+    Send {
+        node: NodeId,
+        op: OpId,
+        message: PeerMessage,
+    },
 }
 
 /// A validated data request.
@@ -375,6 +386,8 @@ pub struct NodeCore {
     hints: hints::Hints,
     /// The Merkle trees and the exchanges of anti-entropy.
     anti_entropy: AntiEntropy,
+    /// Deleted keys stored here and their collection.
+    tombstones: tombstones::Tombstones,
 }
 
 impl NodeCore {
@@ -404,6 +417,7 @@ impl NodeCore {
             instance,
             now.monotonic_ms,
         );
+        let tombstones = tombstones::Tombstones::new(&config.tombstones, now.monotonic_ms);
         NodeCore {
             me,
             map,
@@ -422,6 +436,7 @@ impl NodeCore {
             local_repairs: Vec::new(),
             hints: hints::Hints::default(),
             anti_entropy,
+            tombstones,
         }
     }
 
@@ -461,6 +476,7 @@ impl NodeCore {
         op.into_iter()
             .chain(self.detector.next_deadline_ms())
             .chain(self.anti_entropy.next_deadline_ms())
+            .chain(self.tombstones_next_deadline_ms())
             .min()
     }
 
@@ -496,6 +512,8 @@ impl NodeCore {
                 for op in ops {
                     if self.ae_owns(op) {
                         self.ae_failed(op, &to, now);
+                    } else if self.gc_owns(op) {
+                        self.on_gc_check_reply(now, &to, op, None, storage, out);
                     } else {
                         self.on_progress(op, &to, ReplicaProgress::Failed, out);
                     }
@@ -513,6 +531,7 @@ impl NodeCore {
                 self.on_tick(now, out);
                 self.deliver_hints(now, storage, out);
                 self.ae_tick(now, storage, out);
+                self.tombstones_tick(now, storage, out);
             }
         }
         if !self.local_repairs.is_empty() {
@@ -676,7 +695,13 @@ impl NodeCore {
     ) -> crate::Result<Merged> {
         let merged = storage.merge(keyspace, key, state, aux)?;
         if merged.changed {
-            self.ae_on_stored(keyspace, key, merged.old_hash.as_ref(), &merged.new_hash);
+            self.ae_on_stored(
+                keyspace,
+                key,
+                merged.old_hash.as_ref(),
+                Some(&merged.new_hash),
+            );
+            self.tombstones_on_stored(keyspace, key, &merged.state, &merged.new_hash);
         }
         Ok(merged)
     }

@@ -56,6 +56,10 @@ impl NodeCore {
             PeerMessage::Durable { op } => {
                 self.on_progress(op, &from, ReplicaProgress::Durable, out)
             }
+            PeerMessage::Failed { op, reason } if self.gc_owns(op) => {
+                tracing::debug!(peer = %from, %reason, "peer refused a tombstone check");
+                self.on_gc_check_reply(now, &from, op, None, storage, out)
+            }
             PeerMessage::Failed { op, reason } if self.ae_owns(op) => {
                 tracing::debug!(peer = %from, %reason, "peer refused an anti-entropy request");
                 self.ae_failed(op, &from, now)
@@ -129,6 +133,11 @@ impl NodeCore {
                 keys,
                 resume_from,
             } => self.on_ae_push_reply(now, from, op, keys, resume_from, storage, out),
+            PeerMessage::GcCheck { op, keys } => self.on_gc_check(from, op, &keys, storage, out),
+            PeerMessage::GcCheckReply { op, ok } => {
+                self.on_gc_check_reply(now, &from, op, Some(ok), storage, out)
+            }
+            PeerMessage::GcCollect { keys } => self.on_gc_collect(now, &keys, storage),
         }
     }
 

@@ -97,6 +97,13 @@ pub fn core_config(config: &Config) -> CoreConfig {
             keys_per_second_max: config.anti_entropy.keys_per_second_max,
             build_keys_per_tick_max: config.anti_entropy.build_keys_per_tick_max,
         },
+        tombstones: crate::core::TombstoneConfig {
+            enabled: config.tombstones.enabled,
+            grace_ms: config.tombstones.grace_ms,
+            quiet_ms: config.tombstones.quiet_ms,
+            interval_ms: config.tombstones.interval_ms,
+            batch: config.tombstones.batch,
+        },
     }
 }
 

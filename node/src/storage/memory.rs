@@ -73,11 +73,19 @@ struct Layer {
 
 impl Layer {
     fn apply(&mut self, write: &PendingWrite) {
-        if let Some((keyspace, skey, stored)) = &write.data {
-            self.data
-                .entry(keyspace.clone())
-                .or_default()
-                .insert(skey.clone(), Arc::clone(stored));
+        match &write.data {
+            Some((keyspace, skey, Some(stored))) => {
+                self.data
+                    .entry(keyspace.clone())
+                    .or_default()
+                    .insert(skey.clone(), Arc::clone(stored));
+            }
+            Some((keyspace, skey, None)) => {
+                if let Some(space) = self.data.get_mut(keyspace) {
+                    space.remove(skey);
+                }
+            }
+            None => {}
         }
         for aux in &write.aux {
             self.apply_aux(aux);
@@ -101,8 +109,8 @@ impl Layer {
 /// One merge's writes, kept together so that flush and crash treat them as one unit.
 #[derive(Debug)]
 struct PendingWrite {
-    /// `(keyspace, storage key, state)` if the data changed.
-    data: Option<(String, Vec<u8>, Arc<Stored>)>,
+    /// `(keyspace, storage key, state)` if the data changed; a state of `None` removes the key.
+    data: Option<(String, Vec<u8>, Option<Arc<Stored>>)>,
     aux: Vec<AuxWrite>,
     /// The merge's sequence number.
     seq: WriteSeq,
@@ -256,7 +264,7 @@ impl Storage for MemoryStorage {
         // hint must not be told "durable" by a flush that began before the hint was written.
         let seq = WriteSeq(inner.volatile.seq.0 + 1);
         let write = PendingWrite {
-            data: data.map(|stored| (keyspace.to_owned(), skey, stored)),
+            data: data.map(|stored| (keyspace.to_owned(), skey, Some(stored))),
             aux: aux.to_vec(),
             seq,
         };
@@ -269,6 +277,39 @@ impl Storage for MemoryStorage {
             old_hash: current.map(|old| old.hash),
             new_hash: merged.hash,
         })
+    }
+
+    fn remove_if(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        expected: &[u8; 32],
+    ) -> Result<Option<WriteSeq>> {
+        self.check_failure("remove")?;
+        let skey = storage_key(keyspace, key);
+        let mut inner = self.lock();
+        let held = inner
+            .volatile
+            .data
+            .get(keyspace)
+            .and_then(|space| space.get(&skey))
+            .is_some_and(|stored| stored.hash == *expected);
+        if !held {
+            return Ok(None);
+        }
+        let seq = WriteSeq(inner.volatile.seq.0 + 1);
+        let write = PendingWrite {
+            data: Some((keyspace.to_owned(), skey, None)),
+            aux: Vec::new(),
+            seq,
+        };
+        inner.volatile.apply(&write);
+        inner.pending.push(write);
+        Ok(Some(seq))
+    }
+
+    fn latest_seq(&self) -> WriteSeq {
+        self.lock().volatile.seq
     }
 
     fn flush(&self) -> Result<WriteSeq> {

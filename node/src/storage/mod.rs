@@ -141,6 +141,22 @@ pub trait Storage: Send + Sync + 'static {
         aux: &[AuxWrite],
     ) -> Result<Merged>;
 
+    /// Removes the stored state of `key` if its [`KeyState::state_hash`] is `expected`: the one
+    /// way a key's state leaves storage other than by a join, used by tombstone collection
+    /// (`crate::core::tombstones`). Returns the removal's sequence number (flushing through it
+    /// makes it durable), or `None`, writing nothing, when the key is absent or holds another
+    /// state (a write arrived since the caller looked: the key is kept).
+    fn remove_if(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        expected: &[u8; 32],
+    ) -> Result<Option<WriteSeq>>;
+
+    /// The sequence number of the latest write: flushing through it makes everything written
+    /// so far durable.
+    fn latest_seq(&self) -> WriteSeq;
+
     /// Makes every write so far durable; returns the sequence number now durable (at least the
     /// sequence number of every merge that returned before `flush` was called).
     fn flush(&self) -> Result<WriteSeq>;

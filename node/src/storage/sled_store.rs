@@ -384,6 +384,37 @@ impl Storage for SledStorage {
         })
     }
 
+    fn remove_if(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        expected: &[u8; 32],
+    ) -> Result<Option<WriteSeq>> {
+        let data = self.data_tree(keyspace)?;
+        let skey = storage_key(keyspace, key);
+        let _stripe = self.stripe(&skey);
+        let Some(bytes) = data.get(&skey).map_err(|e| engine_error("remove", e))? else {
+            return Ok(None);
+        };
+        let state = KeyState::decode(&bytes).map_err(|e| corrupt_at(keyspace, key, e))?;
+        if state.state_hash() != *expected {
+            return Ok(None);
+        }
+        // The stripe lock keeps merges of this key out; the compare keeps anything else out.
+        let swapped = data
+            .compare_and_swap(&skey, Some(bytes), None as Option<&[u8]>)
+            .map_err(|e| engine_error("remove", e))?;
+        if swapped.is_err() {
+            return Ok(None);
+        }
+        // Taken after the commit and under the stripe lock, as a merge's.
+        Ok(Some(WriteSeq(self.seq.fetch_add(1, Ordering::SeqCst) + 1)))
+    }
+
+    fn latest_seq(&self) -> WriteSeq {
+        WriteSeq(self.seq.load(Ordering::SeqCst))
+    }
+
     fn flush(&self) -> Result<WriteSeq> {
         // Read before syncing: every write counted here committed before the sync starts.
         let seq = self.seq.load(Ordering::SeqCst);

@@ -1142,3 +1142,67 @@ fn aux_only_writes_and_prefix_scans_agree_across_engines() {
         Some(b"w".to_vec())
     );
 }
+
+#[test]
+fn remove_if_removes_only_the_state_it_was_shown() {
+    on_both_engines(|storage| {
+        let old = sample_state(1, 1);
+        let newer = sample_state(1, 2);
+        let first = storage.merge("alpha", b"k", &old, &[]).unwrap();
+        storage.merge("alpha", b"other", &old, &[]).unwrap();
+        assert_eq!(storage.latest_seq(), WriteSeq(first.seq.0 + 1));
+        // A write arrived since the caller looked: the key stays.
+        storage.merge("alpha", b"k", &newer, &[]).unwrap();
+        assert_eq!(
+            storage.remove_if("alpha", b"k", &old.state_hash()).unwrap(),
+            None
+        );
+        assert_eq!(storage.read("alpha", b"k").unwrap(), Some(newer.clone()));
+        let before = storage.latest_seq();
+        let removed = storage
+            .remove_if("alpha", b"k", &newer.state_hash())
+            .unwrap()
+            .expect("the key held exactly that state");
+        assert!(removed > before, "a removal takes a sequence number");
+        assert_eq!(storage.latest_seq(), removed);
+        assert_eq!(storage.read("alpha", b"k").unwrap(), None);
+        let all = storage.scan("alpha", Token(0), Token(u64::MAX)).unwrap();
+        assert_eq!(all.len(), 1, "only the other key is left");
+        // Absent keys and unknown keyspaces: nothing to remove, nothing written.
+        assert_eq!(
+            storage
+                .remove_if("alpha", b"k", &newer.state_hash())
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            storage
+                .remove_if("beta", b"k", &newer.state_hash())
+                .unwrap(),
+            None
+        );
+        assert_eq!(storage.latest_seq(), removed);
+        // The key can be written again afterwards.
+        storage.merge("alpha", b"k", &old, &[]).unwrap();
+        assert_eq!(storage.read("alpha", b"k").unwrap(), Some(old.clone()));
+    });
+}
+
+#[test]
+fn memory_crash_undoes_an_unflushed_removal_and_keeps_a_flushed_one() {
+    let storage = MemoryStorage::new();
+    let state = sample_state(1, 1);
+    storage.merge("alpha", b"a", &state, &[]).unwrap();
+    storage.merge("alpha", b"b", &state, &[]).unwrap();
+    storage.flush().unwrap();
+    storage
+        .remove_if("alpha", b"a", &state.state_hash())
+        .unwrap();
+    storage.flush().unwrap();
+    storage
+        .remove_if("alpha", b"b", &state.state_hash())
+        .unwrap();
+    storage.crash();
+    assert_eq!(storage.read("alpha", b"a").unwrap(), None);
+    assert_eq!(storage.read("alpha", b"b").unwrap(), Some(state));
+}
