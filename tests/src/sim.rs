@@ -65,7 +65,7 @@ use quorumkv_node::peer::PeerMessage;
 use quorumkv_node::storage::memory::MemoryStorage;
 use quorumkv_node::storage::Storage;
 use quorumkv_node::version_vector::on_start;
-use quorumkv_ring::{Node, NodeId, RangeId, Ring, RingConfig, Zone};
+use quorumkv_ring::{Node, NodeId, RangeId, Ring, RingConfig, Token, Zone};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet};
@@ -308,6 +308,8 @@ pub struct Sim {
     timeline: Vec<String>,
     /// Every client attempt and its answer, when asked for ([`Sim::set_trace`]).
     trace: Option<Vec<String>>,
+    /// Deleted keys collected by node processes that have crashed since.
+    collected_by_crashed: u64,
 }
 
 impl Sim {
@@ -352,6 +354,7 @@ impl Sim {
             filter: None,
             timeline: Vec::new(),
             trace: None,
+            collected_by_crashed: 0,
         };
         for id in ids {
             let storage = Arc::new(MemoryStorage::new());
@@ -525,7 +528,9 @@ impl Sim {
         if sim_node.core.is_none() {
             return;
         }
-        sim_node.core = None;
+        if let Some(core) = sim_node.core.take() {
+            self.collected_by_crashed += core.tombstones_collected();
+        }
         sim_node.storage.crash();
         sim_node.next_tick_ms = None;
         self.tick += 1;
@@ -685,6 +690,52 @@ impl Sim {
             }
         }
         reasons
+    }
+
+    /// Deleted keys removed for good by tombstone collection so far, over all nodes and all
+    /// their processes.
+    pub fn tombstones_collected(&self) -> u64 {
+        self.collected_by_crashed
+            + self
+                .nodes
+                .values()
+                .filter_map(|node| node.core.as_ref())
+                .map(NodeCore::tombstones_collected)
+                .sum::<u64>()
+    }
+
+    /// Deleted keys (every sibling a tombstone) stored on running nodes, over all nodes.
+    pub fn stored_tombstones(&self) -> usize {
+        self.nodes
+            .values()
+            .filter(|node| node.core.is_some())
+            .map(|node| {
+                node.storage
+                    .scan(KEYSPACE, Token(0), Token(u64::MAX))
+                    .expect("memory storage cannot fail")
+                    .iter()
+                    .filter(|stored| stored.state.is_deleted())
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Runs until no running node stores a deleted key, checking every `check_every_ms`, for at
+    /// most `bound_ms`; returns how long it took, or how many were left at the bound.
+    pub fn run_until_collected(&mut self, bound_ms: u64) -> Result<u64, usize> {
+        let start = self.now_ms;
+        let check_every_ms = self.config.delay_ms.1.max(1);
+        loop {
+            let left = self.stored_tombstones();
+            if left == 0 {
+                return Ok(self.now_ms - start);
+            }
+            if self.now_ms >= start + bound_ms {
+                return Err(left);
+            }
+            let next = (self.now_ms + check_every_ms).min(start + bound_ms);
+            self.run_until(next);
+        }
     }
 
     /// Runs until [`Sim::divergence`] is empty, checking every `check_every_ms`, for at most
@@ -1211,6 +1262,16 @@ fn answer(response: &Response) -> String {
         Response::Error(e) => format!("{:?}: {}", e.kind, e.message),
         other => format!("{other:?}"),
     }
+}
+
+/// The longest a healed, converged cluster may take to collect every deleted key, when
+/// tombstone collection is on, derived from its configuration (`node/src/core/tombstones.rs`):
+/// the grace period, the quiet period between the two checks, two collection intervals (a pass
+/// may have just begun) and a request timeout for a check that was lost.
+pub fn collection_bound_ms(config: &SimConfig) -> u64 {
+    let core = &config.core;
+    let tombstones = &core.tombstones;
+    tombstones.grace_ms + tombstones.quiet_ms + 2 * tombstones.interval_ms + core.request_timeout_ms
 }
 
 fn names(ids: &[NodeId]) -> String {

@@ -37,7 +37,8 @@
 //! `config.client_retries` for the clients.
 
 use super::{
-    convergence_bound_ms, ClientOp, Completed, FaultConfig, Filter, Sim, SimConfig, NO_ANSWER,
+    collection_bound_ms, convergence_bound_ms, ClientOp, Completed, FaultConfig, Filter, Sim,
+    SimConfig, NO_ANSWER,
 };
 use crate::history::{self, History, Op, Outcome, Record, Report, Violation};
 use quorumkv_client::protocol::Response;
@@ -145,6 +146,13 @@ pub struct Run {
     pub final_read_failures: Vec<String>,
     /// What the run exercised, so tests can tell it was not vacuous.
     pub exercised: Exercised,
+    /// With tombstone collection on: how long after convergence the last deleted key was
+    /// collected on every node, or how many deleted keys were still stored at the bound.
+    pub collection: Option<Result<u64, usize>>,
+    pub collection_bound_ms: u64,
+    /// Deleted keys removed by tombstone collection while the faults lasted, and in all.
+    pub collected_during_faults: u64,
+    pub collected: u64,
     /// Writes (values and delete names) that took more than one attempt.
     pub retried_writes: BTreeSet<String>,
     /// Every client attempt and its answer, if [`Workload::trace`] asked for them.
@@ -172,6 +180,13 @@ impl Run {
                 "replicas did not converge within {} ms of the heal: {}",
                 self.bound_ms,
                 reasons.join("; ")
+            ));
+        }
+        if let Some(Err(left)) = self.collection {
+            problems.push(format!(
+                "{left} deleted keys were still stored {} ms after convergence (the collection \
+                 bound)",
+                self.collection_bound_ms
             ));
         }
         if self.unanswered > 0 {
@@ -209,6 +224,7 @@ impl Run {
     /// retried. A soak uses it to tell that bug from new ones.
     pub fn only_known_bug(&self) -> bool {
         self.convergence.is_ok()
+            && !matches!(self.collection, Some(Err(_)))
             && self.unanswered == 0
             && self.final_read_failures.is_empty()
             && !self.report.is_ok()
@@ -394,6 +410,7 @@ pub fn run(seed: u64, workload: &Workload, config: SimConfig, hooks: Hooks) -> R
     let mut unanswered = sim.pending_operations();
 
     // Cold keys: the faults heal, one node is cut off, and keys it owns are written.
+    let collected_during_faults = sim.tombstones_collected();
     sim.heal_all();
     let core = sim.config().core.clone();
     let (_, delay_max) = sim.config().delay_ms;
@@ -458,7 +475,16 @@ pub fn run(seed: u64, workload: &Workload, config: SimConfig, hooks: Hooks) -> R
     }
     let all_keys: Vec<String> = keys.iter().chain(&cold_keys).cloned().collect();
     let bound_ms = convergence_bound_ms(sim.config(), all_keys.len());
-    let convergence = sim.run_until_converged(bound_ms);
+    let mut convergence = sim.run_until_converged(bound_ms);
+    // With tombstone collection on, every deleted key must then be collected everywhere, and
+    // the replicas converge again, before the final reads look for deleted values come back.
+    let collection = if sim.config().core.tombstones.enabled && convergence.is_ok() {
+        let collected = sim.run_until_collected(collection_bound_ms(sim.config()));
+        convergence = sim.run_until_converged(bound_ms);
+        Some(collected)
+    } else {
+        None
+    };
 
     // Final reads of every key from all its replicas.
     let mut final_reads: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -511,6 +537,10 @@ pub fn run(seed: u64, workload: &Workload, config: SimConfig, hooks: Hooks) -> R
         unanswered,
         final_read_failures,
         exercised,
+        collection,
+        collection_bound_ms: collection_bound_ms(sim.config()),
+        collected_during_faults,
+        collected: sim.tombstones_collected(),
         retried_writes,
         trace: sim.trace().to_vec(),
     }
