@@ -1175,7 +1175,7 @@ impl Config {
         if t.batch == 0 || t.batch > crate::core::tombstones::KEYS_PER_CHECK_MAX {
             return Err(config_error(
                 "tombstones.batch",
-                &format!(
+                format!(
                     "must be between 1 and {}",
                     crate::core::tombstones::KEYS_PER_CHECK_MAX
                 ),
