@@ -11,7 +11,8 @@
 //! Environment:
 //!
 //! * `QUORUMKV_SIM_SEED=<seed>` makes `replay_one_seed` run that seed alone and print its whole
-//!   history (a failing seed prints this command).
+//!   history (a failing seed prints this command); with `QUORUMKV_SIM_TOMBSTONES=1` it runs the
+//!   tombstone collection test's configuration.
 //! * `QUORUMKV_SIM_SEEDS=<count>` or `<first>..<end>` makes `soak` run that many seeds (from a
 //!   random first seed, printed) or that range.
 
@@ -339,7 +340,12 @@ fn replay_one_seed() {
         trace: true,
         ..Workload::default()
     };
-    let run = workload::run(seed, &workload, cluster_config(&workload), Hooks::default());
+    let config = if std::env::var_os("QUORUMKV_SIM_TOMBSTONES").is_some() {
+        tombstone_config(&workload)
+    } else {
+        cluster_config(&workload)
+    };
+    let run = workload::run(seed, &workload, config, Hooks::default());
     println!(
         "seed {seed}\nclient attempts:\n  {}\nhistory:\n{}\nfault timeline:\n  {}\nconvergence: {:?} (bound {} ms)\nexercised: {:?}\n{}",
         run.trace.join("\n  "),
@@ -758,13 +764,7 @@ fn tombstone_collection_under_faults_brings_nothing_back() {
     let mut during_faults = 0;
     let mut removals = 0;
     for seed in 1..=TOMBSTONE_SEEDS {
-        let mut config = cluster_config(&workload);
-        let longest_message_ms = config.delay_ms.1 + config.late_delay_ms;
-        config.core.tombstones.enabled = true;
-        config.core.tombstones.grace_ms = 200;
-        config.core.tombstones.quiet_ms = 2 * longest_message_ms;
-        config.core.tombstones.interval_ms = 250;
-        config.client_retries = 0;
+        let config = tombstone_config(&workload);
         let run = workload::run(seed, &workload, config, Hooks::default());
         if let Err(why) = run.verdict() {
             panic!(
@@ -782,6 +782,19 @@ fn tombstone_collection_under_faults_brings_nothing_back() {
     assert_eq!(collected, TOMBSTONE_SEEDS, "collection did not run");
     // Not vacuous: keys were collected, also while messages were late, duplicated and lost.
     assert!(during_faults > 0, "nothing was collected during the faults");
+}
+
+/// The cluster with tombstone collection on, in the simulation's time scale, and no client
+/// retries (`QUORUMKV_SIM_TOMBSTONES=1` makes `replay_one_seed` use it).
+fn tombstone_config(workload: &Workload) -> SimConfig {
+    let mut config = cluster_config(workload);
+    let longest_message_ms = config.delay_ms.1 + config.late_delay_ms;
+    config.core.tombstones.enabled = true;
+    config.core.tombstones.grace_ms = 200;
+    config.core.tombstones.quiet_ms = 2 * longest_message_ms;
+    config.core.tombstones.interval_ms = 250;
+    config.client_retries = 0;
+    config
 }
 
 /// Seeds of the tombstone collection test.
