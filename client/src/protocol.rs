@@ -226,8 +226,11 @@ pub struct ReplicaCopy {
     pub node: String,
     /// Why this node holds the key.
     pub role: ReplicaRole,
-    /// What it stores, or why it could not say.
+    /// What it stores, or why it could not say. For a fallback, the hint it keeps.
     pub answer: ReplicaAnswer,
+    /// For a fallback: the owner its hint is for.
+    #[serde(default)]
+    pub hint_for: Option<String>,
 }
 
 /// Why a node is among a key's replicas.
@@ -235,8 +238,9 @@ pub struct ReplicaCopy {
 pub enum ReplicaRole {
     /// An owner of the key: entry `position` of its preference list (0 is the first owner).
     Primary { position: u8 },
-    /// A fallback holding a hint for this key (not reported yet: hinted handoff will fill it
-    /// in; today every entry is a primary).
+    /// A member outside the preference list holding a hint for the key (a write it took in
+    /// for an owner that was down, under a sloppy quorum); `ReplicaCopy::hint_for` names the
+    /// owner. Listed only when it holds one.
     Fallback,
 }
 
@@ -415,11 +419,13 @@ mod tests {
                 node: "n1".into(),
                 role: ReplicaRole::Primary { position: 0 },
                 answer: ReplicaAnswer::Stored(stored),
+                hint_for: None,
             },
             ReplicaCopy {
                 node: "n2".into(),
                 role: ReplicaRole::Primary { position: 1 },
                 answer: ReplicaAnswer::Missing,
+                hint_for: None,
             },
             ReplicaCopy {
                 node: "n3".into(),
@@ -427,11 +433,13 @@ mod tests {
                 answer: ReplicaAnswer::Failed {
                     reason: "down".into(),
                 },
+                hint_for: Some("n1".into()),
             },
             ReplicaCopy {
                 node: "n4".into(),
                 role: ReplicaRole::Primary { position: 2 },
                 answer: ReplicaAnswer::TimedOut,
+                hint_for: None,
             },
         ]);
         let frame = encode_frame(&response, 1 << 20).unwrap();

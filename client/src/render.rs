@@ -28,8 +28,9 @@
 //!
 //! `admin replicas --json` prints one line
 //! `{"keyspace":"default","key":"k","encoding":"utf8","replicas":[...]}` with one object per
-//! replica in preference-list order: `node`, `role` (`primary` with its `position` in the
-//! preference list from 0, or `fallback`), and `status`, one of `stored` (then `siblings`
+//! replica, the preference list in order and then any fallbacks holding a hint for the key:
+//! `node`, `role` (`primary` with its `position` in the preference list from 0, or `fallback`
+//! with `hint_for`, the owner its hint is for), and `status`, one of `stored` (then `siblings`
 //! as `[{"value":"v","timestamp_ms":1}]`, `deleted`, `version` as `{"<actor>":counter}` and
 //! `state_hash` in hex), `missing`, `failed` (then `error`, a sentence) or `timed_out`. Every
 //! value of every replica shares the document's one `encoding`. Plain `admin replicas` prints
@@ -175,6 +176,8 @@ pub fn replicas_json(keyspace: &str, key: &str, replicas: &[ReplicaCopy]) -> Str
         role: &'static str,
         #[serde(skip_serializing_if = "Option::is_none")]
         position: Option<u8>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        hint_for: Option<&'a str>,
         status: &'static str,
         #[serde(skip_serializing_if = "Option::is_none")]
         siblings: Option<Vec<Value<'a>>>,
@@ -204,6 +207,7 @@ pub fn replicas_json(keyspace: &str, key: &str, replicas: &[ReplicaCopy]) -> Str
                 node: &replica.node,
                 role,
                 position,
+                hint_for: replica.hint_for.as_deref(),
                 status: status_name(&replica.answer),
                 siblings: None,
                 deleted: None,
@@ -251,7 +255,10 @@ pub fn replicas_text(replicas: &[ReplicaCopy]) -> String {
     for replica in replicas {
         let role = match replica.role {
             ReplicaRole::Primary { position } => format!("primary {position}"),
-            ReplicaRole::Fallback => "fallback".to_string(),
+            ReplicaRole::Fallback => match &replica.hint_for {
+                Some(owner) => format!("fallback for {owner}"),
+                None => "fallback".to_string(),
+            },
         };
         let (version, hash, values) = match &replica.answer {
             ReplicaAnswer::Stored(copy) => {
@@ -496,11 +503,13 @@ mod tests {
                     version: [("00000000000003e9".to_string(), 2)].into(),
                     state_hash: "ab".repeat(32),
                 }),
+                hint_for: None,
             },
             ReplicaCopy {
                 node: "n2".into(),
                 role: ReplicaRole::Primary { position: 1 },
                 answer: ReplicaAnswer::Missing,
+                hint_for: None,
             },
             ReplicaCopy {
                 node: "n3".into(),
@@ -508,11 +517,13 @@ mod tests {
                 answer: ReplicaAnswer::Failed {
                     reason: "believed\ndown".into(),
                 },
+                hint_for: None,
             },
             ReplicaCopy {
                 node: "n4".into(),
                 role: ReplicaRole::Fallback,
                 answer: ReplicaAnswer::TimedOut,
+                hint_for: Some("n3".into()),
             },
         ]
     }
@@ -535,7 +546,7 @@ mod tests {
                     {"node": "n2", "role": "primary", "position": 1, "status": "missing"},
                     {"node": "n3", "role": "primary", "position": 2, "status": "failed",
                      "error": "believed\ndown"},
-                    {"node": "n4", "role": "fallback", "status": "timed_out"},
+                    {"node": "n4", "role": "fallback", "hint_for": "n3", "status": "timed_out"},
                 ]
             })
         );
@@ -546,16 +557,28 @@ mod tests {
         let text = replicas_text(&replicas());
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 5, "{text}");
-        assert!(lines[0].starts_with("NODE  ROLE       COPY"), "{text}");
-        assert!(lines[1].starts_with("n1    primary 0  stored"), "{text}");
+        assert!(
+            lines[0].starts_with("NODE  ROLE             COPY"),
+            "{text}"
+        );
+        assert!(
+            lines[1].starts_with("n1    primary 0        stored"),
+            "{text}"
+        );
         assert!(
             lines[1].contains("00000000000003e9:2") && lines[1].contains(&"ab".repeat(8)),
             "{text}"
         );
         assert!(lines[1].ends_with("\"v2\""), "{text}");
-        assert!(lines[2].starts_with("n2    primary 1  missing"), "{text}");
+        assert!(
+            lines[2].starts_with("n2    primary 1        missing"),
+            "{text}"
+        );
         assert!(lines[3].ends_with("error: believed down"), "{text}");
-        assert!(lines[4].starts_with("n4    fallback   timed out"), "{text}");
+        assert!(
+            lines[4].starts_with("n4    fallback for n3  timed out"),
+            "{text}"
+        );
     }
 
     #[test]

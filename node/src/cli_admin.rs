@@ -210,6 +210,7 @@ mod tests {
             node: "n1".into(),
             role: ReplicaRole::Primary { position: 0 },
             answer,
+            hint_for: None,
         }
     }
 

@@ -129,6 +129,18 @@ pub enum PeerMessage {
         keys: Vec<AeKey>,
         resume_from: Option<u64>,
     },
+    /// Inspection (`quorumkv admin replicas`): send me the hints you hold for this key, for
+    /// any owner. Answered with [`PeerMessage::HintReadReply`] or [`PeerMessage::Failed`].
+    HintRead {
+        op: OpId,
+        keyspace: String,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// The hints the replica holds for the key of a [`PeerMessage::HintRead`]: (owner, the
+    /// state kept for it, canonical encoding). Hints that name no state (a replica's own
+    /// reminder to hand its copy over) are left out.
+    HintReadReply { op: OpId, hints: Vec<HeldHint> },
     /// Tombstone collection (`crate::core::tombstones`): for each key, may its state with this
     /// hash be removed for good, as far as you know? Answered with
     /// [`PeerMessage::GcCheckReply`] once everything the receiver stores is durable.
@@ -138,6 +150,14 @@ pub enum PeerMessage {
     /// Tombstone collection: every member cleared these keys twice, a quiet period apart;
     /// remove each one you replicate whose stored state still has this hash. Not answered.
     GcCollect { keys: Vec<GcKey> },
+}
+
+/// A hint a node holds for one owner, in a [`PeerMessage::HintReadReply`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldHint {
+    pub owner: String,
+    #[serde(with = "serde_bytes")]
+    pub state: Vec<u8>,
 }
 
 /// A deleted key's state, named by its hash, in tombstone collection.
@@ -171,7 +191,8 @@ impl PeerMessage {
             | PeerMessage::Read { op, .. }
             | PeerMessage::AeLevel { op, .. }
             | PeerMessage::AePush { op, .. }
-            | PeerMessage::GcCheck { op, .. } => Some(*op),
+            | PeerMessage::GcCheck { op, .. }
+            | PeerMessage::HintRead { op, .. } => Some(*op),
             _ => None,
         }
     }
@@ -193,6 +214,8 @@ impl PeerMessage {
             PeerMessage::AeLevelReply { .. } => "ae_level_reply",
             PeerMessage::AePush { .. } => "ae_push",
             PeerMessage::AePushReply { .. } => "ae_push_reply",
+            PeerMessage::HintRead { .. } => "hint_read",
+            PeerMessage::HintReadReply { .. } => "hint_read_reply",
             PeerMessage::GcCheck { .. } => "gc_check",
             PeerMessage::GcCheckReply { .. } => "gc_check_reply",
             PeerMessage::GcCollect { .. } => "gc_collect",

@@ -291,3 +291,60 @@ fn a_node_that_is_not_a_replica_inspects_without_forwarding() {
     }
     assert!(raw(&cluster, &n4, &key).is_empty(), "n4 stored nothing");
 }
+
+#[test]
+fn a_fallback_holding_a_hint_is_listed_after_the_owners_with_the_owner_it_is_for() {
+    let config = CoreConfig::default();
+    let mut cluster = Driver::new(4, 3, config.clone());
+    let owners = cluster.owners("k");
+    let all: [NodeId; 4] = cluster.ids();
+    let fallback = all
+        .iter()
+        .find(|n| !owners.contains(n))
+        .expect("four nodes, three owners")
+        .clone();
+    let away = owners[2].clone();
+    cluster.crash(&away);
+    for _ in 0..(config.peer_down_after_ms / 100 + 10) {
+        cluster.advance(100);
+    }
+    let put = cluster.put(&owners[0], "k", "v", 3);
+    cluster.settle();
+    assert!(cluster.written(put), "{:?}", cluster.reply(put));
+
+    assert_eq!(cluster.hints(&fallback), vec![(away.clone(), 1)]);
+    // Asked through the fallback itself and through an owner: the same listing.
+    for via in [&fallback, &owners[0]] {
+        let handle = inspect(&mut cluster, via, "k");
+        cluster.settle();
+        let copies = inspected(&cluster, handle);
+        assert_eq!(
+            copies.len(),
+            4,
+            "three owners and one fallback: {copies:#?}"
+        );
+        assert!(matches!(
+            answer(&copies, &away),
+            ReplicaAnswer::Failed { .. }
+        ));
+        let last = &copies[3];
+        assert_eq!(last.node, fallback.as_str());
+        assert_eq!(last.role, ReplicaRole::Fallback);
+        assert_eq!(last.hint_for.as_deref(), Some(away.as_str()));
+        match &last.answer {
+            ReplicaAnswer::Stored(copy) => assert_eq!(values(copy), vec!["v"]),
+            other => panic!("expected the hint's copy, got {other:?}"),
+        }
+    }
+
+    // Once the owner is back and the hint handed over, the fallback is no longer listed.
+    cluster.restart(&away);
+    for _ in 0..(config.peer_down_after_ms / 100 + 30) {
+        cluster.advance(100);
+    }
+    let handle = inspect(&mut cluster, &owners[1], "k");
+    cluster.settle();
+    let copies = inspected(&cluster, handle);
+    assert_eq!(copies.len(), 3, "{copies:#?}");
+    assert_eq!(values(stored(&copies, &away)), vec!["v"]);
+}

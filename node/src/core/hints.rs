@@ -74,7 +74,7 @@ impl HintRecord {
         rmp_serde::to_vec_named(self).expect("a hint record encodes")
     }
 
-    fn decode(bytes: &[u8]) -> crate::Result<HintRecord> {
+    pub(super) fn decode(bytes: &[u8]) -> crate::Result<HintRecord> {
         quorumkv_client::msgpack::from_slice(bytes).map_err(|e| crate::Error::CorruptState {
             reason: format!("hint record does not decode: {e}"),
         })

@@ -28,18 +28,27 @@
 //! sees a partial picture rather than none. The answer is a snapshot per replica, not a
 //! consistent cut: writes may land between the answers.
 //!
-//! Fallbacks holding hints for the key are not listed yet ([`ReplicaRole::Fallback`] is
-//! reserved for them; hinted handoff will add them).
+//! # Fallbacks
+//!
+//! A write taken in by a fallback for an owner that was down (sloppy quorum, see
+//! [`super::hints`]) lives on the fallback as a hint until it is handed over. So the node
+//! also asks every other member outside the preference list that its failure detector
+//! believes up for the hints it holds for the key ([`PeerMessage::HintRead`]), and lists each
+//! hint after the owners, as [`ReplicaRole::Fallback`] with the owner it is for
+//! (`ReplicaCopy::hint_for`). Members holding none are not listed, nor are members that could
+//! not be asked (down, unreachable, silent until the deadline): a fallback entry is never a
+//! failure, so it never turns the answer into a partial one.
 
 use super::{NodeCore, Op, Origin, Output};
-use crate::peer::{OpId, PeerMessage};
+use crate::peer::{HeldHint, OpId, PeerMessage};
 use crate::quorum::ReplicaProgress;
-use crate::storage::Storage;
+use crate::storage::{AuxTable, Storage};
 use crate::version_vector::KeyState;
 use quorumkv_client::protocol::{
     ReplicaAnswer, ReplicaCopy, ReplicaRole, Request, Response, SiblingValue, StoredCopy,
 };
 use quorumkv_ring::NodeId;
+use std::collections::BTreeSet;
 
 /// An inspection in flight: one slot per replica, in preference-list order.
 #[derive(Debug)]
@@ -50,6 +59,10 @@ pub(super) struct InspectOp {
     key: Vec<u8>,
     /// Each replica, its role and its answer (`None` while it is due).
     replicas: Vec<(NodeId, ReplicaRole, Option<ReplicaAnswer>)>,
+    /// Members outside the preference list asked for their hints, not answered yet.
+    fallbacks_due: BTreeSet<NodeId>,
+    /// The hints found so far: (fallback, owner, its copy).
+    fallback_copies: Vec<(NodeId, String, ReplicaAnswer)>,
 }
 
 impl InspectOp {
@@ -59,7 +72,7 @@ impl InspectOp {
 
     /// Whether `node`'s answer is still due.
     pub(super) fn waiting_on(&self, node: &NodeId) -> bool {
-        self.slot(node).is_some()
+        self.slot(node).is_some() || self.fallbacks_due.contains(node)
     }
 
     /// The slot of `node` if its answer is still due.
@@ -70,7 +83,7 @@ impl InspectOp {
     }
 
     fn done(&self) -> bool {
-        self.replicas.iter().all(|(_, _, answer)| answer.is_some())
+        self.replicas.iter().all(|(_, _, answer)| answer.is_some()) && self.fallbacks_due.is_empty()
     }
 }
 
@@ -110,6 +123,33 @@ impl NodeCore {
             };
             replicas.push((node.clone(), role, answer));
         }
+        let mut fallbacks_due = BTreeSet::new();
+        let mut fallback_copies = Vec::new();
+        let outsiders: Vec<NodeId> = self
+            .map
+            .addresses
+            .keys()
+            .filter(|node| !checked.preference_list.contains(node))
+            .cloned()
+            .collect();
+        for node in outsiders {
+            if node == self.me {
+                for (owner, state) in self.held_hints(checked, storage).unwrap_or_default() {
+                    let answer = summarise(Some(&state));
+                    fallback_copies.push((node.clone(), owner, answer));
+                }
+            } else if self.detector.is_up(&node) {
+                out.push(Output::Send {
+                    to: node.clone(),
+                    message: PeerMessage::HintRead {
+                        op,
+                        keyspace: checked.keyspace.to_string(),
+                        key: checked.key.to_vec(),
+                    },
+                });
+                fallbacks_due.insert(node);
+            }
+        }
         self.insert_op(
             op,
             Op::Inspect(InspectOp {
@@ -118,8 +158,101 @@ impl NodeCore {
                 keyspace: checked.keyspace.to_string(),
                 key: checked.key.to_vec(),
                 replicas,
+                fallbacks_due,
+                fallback_copies,
             }),
         );
+        self.finish_inspect_if_done(op, out);
+    }
+
+    /// The hints this node holds for `checked`'s key that carry a state, by owner.
+    fn held_hints(
+        &mut self,
+        checked: &super::Checked<'_>,
+        storage: &dyn Storage,
+    ) -> Option<Vec<(String, KeyState)>> {
+        let mut held = Vec::new();
+        for owner in &checked.preference_list {
+            let hkey = super::hints::hint_key(owner, checked.keyspace, checked.key);
+            let record = match storage.aux(AuxTable::Hints, &hkey) {
+                Ok(Some(record)) => record,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.storage_error("reading a hint", e);
+                    return None;
+                }
+            };
+            let state = super::hints::HintRecord::decode(&record)
+                .ok()
+                .and_then(|record| record.state)
+                .and_then(|bytes| KeyState::decode(&bytes).ok());
+            if let Some(state) = state {
+                held.push((owner.to_string(), state));
+            }
+        }
+        Some(held)
+    }
+
+    /// A [`PeerMessage::HintRead`]: the hints held here for the key, for any of its owners.
+    pub(super) fn on_hint_read(
+        &mut self,
+        from: NodeId,
+        op: OpId,
+        keyspace: &str,
+        key: &[u8],
+        storage: &dyn Storage,
+        out: &mut Vec<Output>,
+    ) {
+        let message = match self.check(keyspace, key, 0, None) {
+            Err(reply) => PeerMessage::Failed {
+                op,
+                reason: reply.message,
+            },
+            Ok(checked) => match self.held_hints(&checked, storage) {
+                Some(held) => PeerMessage::HintReadReply {
+                    op,
+                    hints: held
+                        .into_iter()
+                        .map(|(owner, state)| HeldHint {
+                            owner,
+                            state: state.encode_canonical(),
+                        })
+                        .collect(),
+                },
+                None => PeerMessage::Failed {
+                    op,
+                    reason: "reading hints failed".to_string(),
+                },
+            },
+        };
+        out.push(Output::Send { to: from, message });
+    }
+
+    /// A member's [`PeerMessage::HintReadReply`] to inspection `op`.
+    pub(super) fn on_inspect_hints(
+        &mut self,
+        op: OpId,
+        from: &NodeId,
+        hints: Vec<HeldHint>,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(Op::Inspect(inspect)) = self.ops.get_mut(&op) else {
+            return;
+        };
+        if !inspect.fallbacks_due.remove(from) {
+            return;
+        }
+        for hint in hints {
+            let answer = match KeyState::decode(&hint.state) {
+                Ok(state) => summarise(Some(&state)),
+                Err(e) => ReplicaAnswer::Failed {
+                    reason: format!("sent a corrupt hint: {e}"),
+                },
+            };
+            inspect
+                .fallback_copies
+                .push((from.clone(), hint.owner, answer));
+        }
         self.finish_inspect_if_done(op, out);
     }
 
@@ -219,6 +352,9 @@ impl NodeCore {
         if let Some(slot) = inspect.slot(from) {
             inspect.replicas[slot].2 = Some(ReplicaAnswer::Failed { reason });
             self.finish_inspect_if_done(op, out);
+        } else if inspect.fallbacks_due.remove(from) {
+            // A member that could not say whether it holds hints is not listed.
+            self.finish_inspect_if_done(op, out);
         }
     }
 
@@ -233,6 +369,15 @@ impl NodeCore {
         let Some(Op::Inspect(inspect)) = self.remove_op(op) else {
             return;
         };
+        let fallbacks = inspect
+            .fallback_copies
+            .into_iter()
+            .map(|(node, owner, answer)| ReplicaCopy {
+                node: node.to_string(),
+                role: ReplicaRole::Fallback,
+                answer,
+                hint_for: Some(owner),
+            });
         let copies = inspect
             .replicas
             .into_iter()
@@ -240,7 +385,9 @@ impl NodeCore {
                 node: node.to_string(),
                 role,
                 answer: answer.unwrap_or(ReplicaAnswer::TimedOut),
+                hint_for: None,
             })
+            .chain(fallbacks)
             .collect();
         self.answer(&inspect.origin, Response::Replicas(copies), out);
     }

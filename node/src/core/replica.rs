@@ -133,6 +133,12 @@ impl NodeCore {
                 keys,
                 resume_from,
             } => self.on_ae_push_reply(now, from, op, keys, resume_from, storage, out),
+            PeerMessage::HintRead { op, keyspace, key } => {
+                self.on_hint_read(from, op, &keyspace, &key, storage, out)
+            }
+            PeerMessage::HintReadReply { op, hints } => {
+                self.on_inspect_hints(op, &from, hints, out)
+            }
             PeerMessage::GcCheck { op, keys } => self.on_gc_check(from, op, &keys, storage, out),
             PeerMessage::GcCheckReply { op, ok } => {
                 self.on_gc_check_reply(now, &from, op, Some(ok), storage, out)

@@ -201,7 +201,13 @@ fn replica_copy() -> impl Strategy<Value = ReplicaCopy> {
         ".{0,24}".prop_map(|reason| ReplicaAnswer::Failed { reason }),
         Just(ReplicaAnswer::TimedOut),
     ];
-    (".{0,8}", role, answer).prop_map(|(node, role, answer)| ReplicaCopy { node, role, answer })
+    let hint_for = proptest::option::of(".{0,8}");
+    (".{0,8}", role, answer, hint_for).prop_map(|(node, role, answer, hint_for)| ReplicaCopy {
+        node,
+        role,
+        answer,
+        hint_for,
+    })
 }
 
 pub fn response() -> impl Strategy<Value = Response> {
