@@ -255,6 +255,11 @@ fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHa
             quorumkv_node::metrics::LATENCY_BUCKETS_SECONDS,
         )
         .context("configuring metric buckets")?
+        .set_buckets_for_metric(
+            Matcher::Full(quorumkv_node::metrics::READ_SIBLINGS.into()),
+            quorumkv_node::metrics::SIBLING_BUCKETS,
+        )
+        .context("configuring metric buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
     quorumkv_node::metrics::describe();

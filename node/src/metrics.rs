@@ -77,6 +77,19 @@ pub const ANTI_ENTROPY_OLDEST_UNEXCHANGED_SECONDS: &str =
     "quorumkv_anti_entropy_oldest_unexchanged_seconds";
 /// Ranges whose Merkle tree is not built yet (after start, or after a tree was found wrong).
 pub const ANTI_ENTROPY_RANGES_UNBUILT: &str = "quorumkv_anti_entropy_ranges_unbuilt";
+/// Requests whose quorum was not reached, by kind: `w`, `r` (too few replicas answered), `dw`
+/// (too few confirmed durability), `timeout` (the deadline passed first).
+pub const QUORUM_FAILURES_TOTAL: &str = "quorumkv_quorum_failures_total";
+/// Live siblings a successful read returned.
+pub const READ_SIBLINGS: &str = "quorumkv_read_siblings";
+/// Keys this node stores, per keyspace (from its Merkle trees, once built).
+pub const KEYS: &str = "quorumkv_keys";
+/// Always 1; the labels say which build runs (`version`, `commit`).
+pub const BUILD_INFO: &str = "quorumkv_build_info";
+
+/// Buckets of [`READ_SIBLINGS`]: one value is the normal case; many mean unresolved conflicts.
+pub const SIBLING_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0, 64.0];
+
 /// Deleted keys (every sibling a tombstone) this node stores.
 pub const TOMBSTONES: &str = "quorumkv_tombstones";
 /// Deleted keys whose state this node removed for good (tombstone collection).
@@ -202,6 +215,25 @@ pub fn describe() {
         ANTI_ENTROPY_RANGES_UNBUILT,
         "Ranges whose Merkle tree is still to be built from storage."
     );
+    describe_counter!(
+        QUORUM_FAILURES_TOTAL,
+        "Requests whose quorum was not reached, by kind (w, r, dw, timeout)."
+    );
+    describe_histogram!(READ_SIBLINGS, "Live siblings returned by successful reads.");
+    describe_gauge!(
+        KEYS,
+        "Keys this node stores per keyspace, as its Merkle trees count them."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the labels give the version and commit of the running build."
+    );
+    gauge!(
+        BUILD_INFO,
+        "version" => env!("CARGO_PKG_VERSION"),
+        "commit" => option_env!("QUORUMKV_COMMIT").unwrap_or("unknown")
+    )
+    .set(1.0);
     describe_gauge!(
         TOMBSTONES,
         "Deleted keys (all siblings tombstones) stored on this node."
@@ -361,4 +393,19 @@ pub fn tombstones_collected(keys: u64) {
 /// A tombstone collection check ended with `outcome`.
 pub fn tombstone_check(outcome: &'static str) {
     counter!(TOMBSTONE_CHECKS_TOTAL, "outcome" => outcome).increment(1);
+}
+
+/// A request's quorum was not reached (`kind`: `w`, `r`, `dw` or `timeout`).
+pub fn quorum_failure(kind: &'static str) {
+    counter!(QUORUM_FAILURES_TOTAL, "kind" => kind).increment(1);
+}
+
+/// A read returned `siblings` live siblings.
+pub fn read_siblings(siblings: usize) {
+    histogram!(READ_SIBLINGS).record(siblings as f64);
+}
+
+/// This node stores `keys` keys of `keyspace`.
+pub fn keys(keyspace: &str, keys: u64) {
+    gauge!(KEYS, "keyspace" => keyspace.to_owned()).set(keys as f64);
 }

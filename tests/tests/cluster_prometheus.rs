@@ -90,44 +90,96 @@ async fn workload(client: &Client, round: usize) {
         .is_err());
 }
 
+/// Runs `promtool check metrics` over `text`; panics with its complaints if it refuses it.
+fn promtool_accepts(index: usize, text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting promtool");
+    child
+        .stdin
+        .take()
+        .expect("promtool's stdin")
+        .write_all(text.as_bytes())
+        .expect("feeding promtool");
+    let output = child.wait_with_output().expect("promtool finishes");
+    assert!(
+        output.status.success(),
+        "promtool check metrics refused node {index}'s metrics ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn promtool_accepts_every_nodes_metrics_after_a_workload() {
     let test = "promtool_accepts_every_nodes_metrics_after_a_workload";
     if !have(test, "promtool") {
         return;
     }
-    let cluster = TestCluster::start(3, ClusterOptions::default());
+    let mut cluster = TestCluster::start(3, ClusterOptions::default());
     within(TEST_LIMIT, async {
         let client = client_for(&cluster).await;
         workload(&client, 0).await;
-        client.close().await;
         for index in 0..cluster.len() {
             let text = cluster.metrics(index);
-            assert!(
-                text.contains("quorumkv_requests_total"),
-                "node {index} exports no request counter:\n{text}"
-            );
-            let mut child = Command::new("promtool")
-                .args(["check", "metrics"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("starting promtool");
-            child
-                .stdin
-                .take()
-                .expect("promtool's stdin")
-                .write_all(text.as_bytes())
-                .expect("feeding promtool");
-            let output = child.wait_with_output().expect("promtool finishes");
-            assert!(
-                output.status.success(),
-                "promtool check metrics refused node {index}'s metrics ({}):\n{}{}",
-                output.status,
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
+            for family in [
+                "quorumkv_requests_total",
+                "quorumkv_request_duration_seconds_bucket",
+                "quorumkv_read_siblings_bucket",
+                "quorumkv_build_info",
+                "quorumkv_tombstones",
+            ] {
+                assert!(
+                    text.contains(family),
+                    "node {index} exports no {family}:\n{text}"
+                );
+            }
+            promtool_accepts(index, &text);
+        }
+        // Every node counts the keys it stores per keyspace (N = 3: all of them).
+        tokio::task::block_in_place(|| {
+            wait_until(
+                "every node publishes its key count",
+                Duration::from_secs(30),
+                || {
+                    (0..cluster.len()).all(|i| {
+                        cluster.metric(i, "quorumkv_keys", &[("keyspace", DEFAULT_KEYSPACE)])
+                            >= 20.0
+                    })
+                },
+            )
+        });
+
+        // A write that cannot reach its quorum (an owner dead, no sloppy quorum) is counted by
+        // kind, and the survivors' metrics still pass.
+        cluster.kill(2);
+        let refused = client
+            .put(
+                DEFAULT_KEYSPACE,
+                "needs-all-three",
+                "v",
+                None,
+                WriteOptions {
+                    w: Some(3),
+                    dw: Some(1),
+                    sloppy_quorum: Some(false),
+                    ..WriteOptions::default()
+                },
+            )
+            .await;
+        assert!(refused.is_err(), "w = 3 with a node dead: {refused:?}");
+        client.close().await;
+        let failures: f64 = (0..2)
+            .map(|i| cluster.metric(i, "quorumkv_quorum_failures_total", &[]))
+            .sum();
+        assert!(failures >= 1.0, "no quorum failure counted");
+        for index in 0..2 {
+            promtool_accepts(index, &cluster.metrics(index));
         }
     })
     .await;

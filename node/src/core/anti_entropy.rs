@@ -101,6 +101,8 @@ pub const PARENTS_PER_REQUEST_MAX: usize = 1024;
 pub const INTERVALS_PER_PUSH_MAX: usize = 64;
 /// Most keys in one push or one answer to a push.
 pub const KEYS_PER_MESSAGE_MAX: usize = 1024;
+/// How often, at most, the key counts per keyspace are published as metrics.
+const KEYS_PUBLISH_MS: u64 = 1_000;
 /// How often, at most, the core scans ranges to build trees while some are missing.
 const BUILD_STEP_MS: u64 = 10;
 /// How soon a throttled exchange looks at the budget again.
@@ -208,6 +210,8 @@ pub(super) struct AntiEntropy {
     budget_at_ms: u64,
     /// Counts changes to the trees, so the shell republishes the sync status only on change.
     generation: u64,
+    /// When the key counts per keyspace were last published as metrics.
+    keys_published_ms: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -287,6 +291,7 @@ impl AntiEntropy {
             budget_milli: budget_cap(&config),
             budget_at_ms: now_ms,
             generation: 0,
+            keys_published_ms: None,
             config,
         };
         anti_entropy.next_exchange_ms = now_ms + anti_entropy.jittered_interval();
@@ -518,6 +523,7 @@ impl NodeCore {
             return;
         }
         let now_ms = now.monotonic_ms;
+        self.ae_publish_key_counts(now_ms);
         if !self.anti_entropy.unbuilt.is_empty() && now_ms >= self.anti_entropy.next_build_ms {
             self.anti_entropy.next_build_ms = now_ms + BUILD_STEP_MS;
             self.ae_build(storage);
@@ -545,6 +551,27 @@ impl NodeCore {
         if now_ms >= self.anti_entropy.next_exchange_ms {
             self.anti_entropy.next_exchange_ms = now_ms + self.anti_entropy.jittered_interval();
             self.ae_start_due(now_ms, out);
+        }
+    }
+
+    /// Publishes the keys stored per keyspace (`quorumkv_keys`), at most once a second: the
+    /// trees count them, so this costs one pass over the trees, not over storage.
+    fn ae_publish_key_counts(&mut self, now_ms: u64) {
+        let ae = &mut self.anti_entropy;
+        if ae
+            .keys_published_ms
+            .is_some_and(|at| now_ms < at.saturating_add(KEYS_PUBLISH_MS))
+        {
+            return;
+        }
+        ae.keys_published_ms = Some(now_ms);
+        let mut counts: BTreeMap<&str, u64> =
+            self.map.keyspaces.keys().map(|k| (k.as_str(), 0)).collect();
+        for (keyspace, _, tree) in ae.forest.trees() {
+            *counts.entry(keyspace).or_default() += tree.key_count();
+        }
+        for (keyspace, keys) in counts {
+            metrics::keys(keyspace, keys);
         }
     }
 

@@ -413,7 +413,7 @@ impl NodeCore {
                     context: write.reply_context.clone(),
                     hinted: write.tally.hinted(),
                 },
-                _ => quorum_not_reached("write", write.tally.shortfall()),
+                _ => quorum_not_reached("write", write.tally.shortfall(), false),
             };
             let origin = write.origin.clone();
             self.answer(&origin, response, out);
@@ -451,7 +451,7 @@ impl NodeCore {
             Some(Op::Inspect(_)) => return self.expire_inspect(op, out),
             Some(Op::Write(write)) => {
                 if !write.replied {
-                    let reply = quorum_not_reached("write", write.tally.shortfall());
+                    let reply = quorum_not_reached("write", write.tally.shortfall(), true);
                     let origin = write.origin.clone();
                     self.answer(&origin, reply, out);
                 }

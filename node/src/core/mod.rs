@@ -669,8 +669,17 @@ fn read_quorum(n: u8, options: &ReadOptions) -> Result<u8, ErrorReply> {
     Ok(r.max(pr))
 }
 
-fn quorum_not_reached(what: &str, shortfall: Shortfall) -> Response {
-    let message = if shortfall.acked < shortfall.required {
+/// The error of a request whose quorum was not reached; `timed_out` when its deadline passed
+/// before the replicas had all answered or failed.
+fn quorum_not_reached(what: &str, shortfall: Shortfall, timed_out: bool) -> Response {
+    let short_of_answers = shortfall.acked < shortfall.required;
+    crate::metrics::quorum_failure(match (timed_out, short_of_answers, what) {
+        (true, _, _) => "timeout",
+        (false, true, "read") => "r",
+        (false, true, _) => "w",
+        (false, false, _) => "dw",
+    });
+    let message = if short_of_answers {
         format!(
             "{what} quorum not reached: {} of the required {} replicas answered",
             shortfall.acked, shortfall.required

@@ -64,7 +64,7 @@ impl NodeCore {
             Verdict::Failed if !quiet => return,
             Verdict::Failed => {
                 if let Some(Op::Read(read)) = self.remove_op(op) {
-                    let reply = quorum_not_reached("read", read.tally.shortfall());
+                    let reply = quorum_not_reached("read", read.tally.shortfall(), false);
                     self.answer(&read.origin, reply, out);
                 }
                 return;
@@ -204,7 +204,7 @@ impl NodeCore {
             return;
         };
         read.replied = true;
-        let siblings = read
+        let siblings: Vec<SiblingValue> = read
             .merged
             .live_siblings()
             .into_iter()
@@ -227,6 +227,7 @@ impl NodeCore {
             &read.keyspace,
             &read.key,
         );
+        metrics::read_siblings(siblings.len());
         let response = Response::Got {
             siblings,
             context: Context::from_bytes(token),
@@ -250,6 +251,7 @@ impl NodeCore {
 
     /// A blocking read whose repair cannot (or did not in time) reach R holders.
     pub(super) fn fail_blocking_read(&mut self, op: OpId, out: &mut Vec<Output>) {
+        metrics::quorum_failure("r");
         if let Some(Op::Read(read)) = self.remove_op(op) {
             let required = read.tally.required();
             // Below `required`, or the read would have been answered.
@@ -288,7 +290,7 @@ impl NodeCore {
             // Only a blocking read gets here: its quorum answered but its repair did not.
             self.fail_blocking_read(op, out);
         } else if let Some(Op::Read(read)) = self.remove_op(op) {
-            let reply = quorum_not_reached("read", read.tally.shortfall());
+            let reply = quorum_not_reached("read", read.tally.shortfall(), true);
             self.answer(&read.origin, reply, out);
         }
     }
