@@ -80,6 +80,15 @@ impl std::fmt::Debug for Holding {
     }
 }
 
+/// Write options of W = `w`, durable on one replica: what the driver's writes ask for.
+fn durable_on_one(w: u8) -> WriteOptions {
+    WriteOptions {
+        w: Some(w),
+        dw: Some(1),
+        ..WriteOptions::default()
+    }
+}
+
 /// Messages of one kind and their encoded size, as the QUIC transport would frame them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Traffic {
@@ -187,11 +196,7 @@ impl Driver {
             value: value.as_bytes().to_vec(),
             context,
             request_id: self.request_id(),
-            options: WriteOptions {
-                w: Some(w),
-                dw: Some(1),
-                ..WriteOptions::default()
-            },
+            options: durable_on_one(w),
         };
         self.request(node, request)
     }
@@ -228,11 +233,7 @@ impl Driver {
             key: key.as_bytes().to_vec(),
             context,
             request_id: self.request_id(),
-            options: WriteOptions {
-                w: Some(w),
-                dw: Some(1),
-                ..WriteOptions::default()
-            },
+            options: durable_on_one(w),
         };
         self.request(node, request)
     }
@@ -253,23 +254,6 @@ impl Driver {
             .read(KEYSPACE, key.as_bytes())
             .expect("memory storage reads")
             .is_some()
-    }
-
-    /// Removes the messages in flight that `keep` selects and returns them (sender, receiver,
-    /// message), so a story can deliver them late ([`Driver::inject`]) or never.
-    pub fn hold(
-        &mut self,
-        mut keep: impl FnMut(&NodeId, &NodeId, &PeerMessage) -> bool,
-    ) -> Vec<(NodeId, NodeId, PeerMessage)> {
-        let mut held = Vec::new();
-        for (from, to, message) in std::mem::take(&mut self.in_flight) {
-            if keep(&from, &to, &message) {
-                held.push((from, to, message));
-            } else {
-                self.in_flight.push_back((from, to, message));
-            }
-        }
-        held
     }
 
     /// From now on, messages that `hold` selects are kept back when their turn comes, until
