@@ -157,6 +157,14 @@ impl ClientArgs {
         self.connect.connect().await
     }
 
+    /// Reports that the value could not be read from `path` (`--value-file`) and returns the
+    /// exit code of an invalid request.
+    pub fn fail_reading(&self, path: &std::path::Path, error: &std::io::Error) -> i32 {
+        self.fail(&Error::InvalidRequest {
+            message: format!("cannot read the value from {}: {error}", path.display()),
+        })
+    }
+
     /// Prints `error` in the chosen format and returns its exit code.
     fn fail(&self, error: &Error) -> i32 {
         if self.json {

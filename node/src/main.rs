@@ -60,10 +60,15 @@ enum Command {
     },
     /// Run a local cluster on loopback: certificates, configs and data under DIR.
     Dev(DevArgs),
-    /// Write VALUE under KEY.
+    /// Write VALUE under KEY (or the bytes of `--value-file`).
     Put {
         key: String,
-        value: String,
+        #[arg(required_unless_present = "value_file")]
+        value: Option<String>,
+        /// Write the bytes of FILE instead of VALUE (`-`: standard input), for values that
+        /// are not text or do not fit on a command line.
+        #[arg(long, value_name = "FILE", conflicts_with = "value")]
+        value_file: Option<PathBuf>,
         #[command(flatten)]
         args: Box<ClientArgs>,
     },
@@ -172,8 +177,25 @@ fn main() -> ExitCode {
         Command::Dev(args) => {
             return exit(runtime().map(|rt| rt.block_on(quorumkv_node::dev::run(args))))
         }
-        Command::Put { key, value, args } => {
-            return exit(runtime().map(|rt| rt.block_on(run_put(&args, &key, &value))))
+        Command::Put {
+            key,
+            value,
+            value_file,
+            args,
+        } => {
+            let value = match (value, value_file) {
+                (Some(value), _) => value.into_bytes(),
+                (None, Some(path)) => match read_value(&path) {
+                    Ok(bytes) => bytes,
+                    Err(code) => {
+                        return ExitCode::from(
+                            u8::try_from(args.fail_reading(&path, &code)).unwrap_or(1),
+                        )
+                    }
+                },
+                (None, None) => unreachable!("clap requires VALUE or --value-file"),
+            };
+            return exit(runtime().map(|rt| rt.block_on(run_put(&args, &key, &value))));
         }
         Command::Get { key, args } => {
             return exit(runtime().map(|rt| rt.block_on(run_get(&args, &key))))
@@ -221,6 +243,17 @@ fn node_runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtim
         builder.worker_threads(worker_threads);
     }
     builder.enable_all().build()
+}
+
+/// The bytes of `path`, or of standard input for `-`.
+fn read_value(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    if path.as_os_str() == "-" {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)?;
+        Ok(bytes)
+    } else {
+        std::fs::read(path)
+    }
 }
 
 fn exit(code: std::io::Result<i32>) -> ExitCode {

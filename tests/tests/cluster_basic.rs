@@ -238,6 +238,46 @@ async fn the_cli_prints_json_and_exits_with_documented_codes() {
         assert_eq!(json["encoding"], "base64", "{get:?}");
         assert_eq!(json["siblings"], serde_json::json!(["//4A"]), "{get:?}");
 
+        // Values from a file or from standard input, bytes as they are (not text, larger than
+        // a command line allows).
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let file = dir.path().join("value.bin");
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&file, &big).expect("writing the value file");
+        let put = cli(
+            &cluster,
+            &[
+                "put",
+                "--json",
+                "from-file",
+                "--value-file",
+                file.to_str().expect("utf-8 path"),
+            ],
+        );
+        assert_eq!(put.code, Some(0), "{put:?}");
+        let mut stdin_put = cluster.cli();
+        stdin_put
+            .args(["put", "--json", "from-stdin", "--value-file", "-"])
+            .stdin(std::fs::File::open(&file).expect("opening the value file"));
+        let put = run_cli(&mut stdin_put, CLI_LIMIT);
+        assert_eq!(put.code, Some(0), "{put:?}");
+        let client = cluster.client().await;
+        for key in ["from-file", "from-stdin"] {
+            let got = client
+                .get(DEFAULT_KEYSPACE, key, ReadOptions::default())
+                .await
+                .expect("reading the value back");
+            assert_eq!(got.siblings.len(), 1, "{key}");
+            assert!(got.siblings[0].value == big, "{key}: the bytes differ");
+        }
+        client.close().await;
+        let missing = cli(
+            &cluster,
+            &["put", "k", "--value-file", "/nonexistent/value"],
+        );
+        assert_fails(&missing, 2, "a value file that does not exist");
+        assert!(missing.stderr.contains("/nonexistent/value"), "{missing:?}");
+
         // A missing key: no siblings, still a context.
         let get = cli(&cluster, &["get", "--json", "no-such-key"]);
         assert_eq!(get.code, Some(0), "{get:?}");
