@@ -7,7 +7,10 @@
 //! - `get` prints each value on its own line on stdout and `context: <token>` on stderr
 //!   (plus `encoding: base64` when a value is not UTF-8 and all are shown in base64);
 //!   `get --json` prints one line `{"siblings":[...],"context":"...","encoding":"utf8"}`.
-//! - `put` and `delete` print the new context token (`--json`: `{"context":"..."}`).
+//!   `get --output FILE` writes the key's one value, raw, to FILE and prints only the context
+//!   (a key with no value or with siblings is refused with exit code 2).
+//! - `put` and `delete` print the new context token (`--json`: `{"context":"..."}`); `put`
+//!   takes the value from `--value-file FILE` (`-`: standard input) instead of VALUE.
 //! - Errors are one line on stderr (`error: ...`, or with `--json`
 //!   `{"error":{"kind":"...","message":"...",...}}`), and the exit code says what kind:
 //!   2 invalid input, 3 quorum not reached (the write may still have been applied),
@@ -212,7 +215,11 @@ pub async fn run_put(args: &ClientArgs, key: impl AsRef<[u8]>, value: impl AsRef
 }
 
 /// `quorumkv get KEY`: prints the siblings and the context. Returns the exit code.
-pub async fn run_get(args: &ClientArgs, key: impl AsRef<[u8]>) -> i32 {
+pub async fn run_get(
+    args: &ClientArgs,
+    key: impl AsRef<[u8]>,
+    output: Option<&std::path::Path>,
+) -> i32 {
     let key = key.as_ref();
     let result = async {
         let client = args.connect().await?;
@@ -221,18 +228,40 @@ pub async fn run_get(args: &ClientArgs, key: impl AsRef<[u8]>) -> i32 {
         read
     }
     .await;
-    match result {
-        Ok(read) if args.json => {
+    match (result, output) {
+        (Ok(read), Some(path)) => {
+            let [sibling] = read.siblings.as_slice() else {
+                return args.fail(&Error::InvalidRequest {
+                    message: format!(
+                        "--output writes exactly one value, and the key has {}; read it \
+                         without --output to see them",
+                        read.siblings.len()
+                    ),
+                });
+            };
+            if let Err(e) = std::fs::write(path, &sibling.value) {
+                return args.fail(&Error::InvalidRequest {
+                    message: format!("cannot write the value to {}: {e}", path.display()),
+                });
+            }
+            if args.json {
+                println!("{}", render::context_json(&read.context));
+            } else {
+                eprintln!("context: {}", read.context);
+            }
+            0
+        }
+        (Ok(read), None) if args.json => {
             println!("{}", render::get_json(&read));
             0
         }
-        Ok(read) => {
+        (Ok(read), None) => {
             let text = render::get_text(&read);
             print!("{}", text.stdout);
             eprint!("{}", text.stderr);
             0
         }
-        Err(error) => args.fail(&error),
+        (Err(error), _) => args.fail(&error),
     }
 }
 

@@ -75,6 +75,10 @@ enum Command {
     /// Read KEY: its siblings and a context for the next write.
     Get {
         key: String,
+        /// Write the value's raw bytes to FILE instead of printing it (the key must have
+        /// exactly one value); the context is printed as usual.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
         #[command(flatten)]
         args: Box<ClientArgs>,
     },
@@ -197,8 +201,8 @@ fn main() -> ExitCode {
             };
             return exit(runtime().map(|rt| rt.block_on(run_put(&args, &key, &value))));
         }
-        Command::Get { key, args } => {
-            return exit(runtime().map(|rt| rt.block_on(run_get(&args, &key))))
+        Command::Get { key, output, args } => {
+            return exit(runtime().map(|rt| rt.block_on(run_get(&args, &key, output.as_deref()))))
         }
         Command::Delete { key, args } => {
             return exit(runtime().map(|rt| rt.block_on(run_delete(&args, &key))))

@@ -271,6 +271,30 @@ async fn the_cli_prints_json_and_exits_with_documented_codes() {
             assert!(got.siblings[0].value == big, "{key}: the bytes differ");
         }
         client.close().await;
+        // get --output writes the raw bytes back; a key with no value is refused.
+        let back = dir.path().join("back.bin");
+        let get = cli(
+            &cluster,
+            &[
+                "get",
+                "from-stdin",
+                "--output",
+                back.to_str().expect("utf-8 path"),
+            ],
+        );
+        assert_eq!(get.code, Some(0), "{get:?}");
+        assert!(get.stderr.starts_with("context: "), "{get:?}");
+        assert!(std::fs::read(&back).expect("the written value") == big);
+        let none = cli(
+            &cluster,
+            &[
+                "get",
+                "never-written",
+                "--output",
+                back.to_str().expect("utf-8 path"),
+            ],
+        );
+        assert_fails(&none, 2, "--output for a key without a value");
         let missing = cli(
             &cluster,
             &["put", "k", "--value-file", "/nonexistent/value"],
